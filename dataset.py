@@ -1,0 +1,413 @@
+"""Data: reading and writing volumes with their geometry, finding cases in the LASC and
+MSD/nnU-Net layouts, the train/validation split, and the geometric rules of the pipeline
+(padding to a multiple, integer downscaling, z-score, fixed-size crops and their paste-back).
+
+Arrays are (D, H, W), SimpleITK's (z, y, x). The turn from SimpleITK's (x, y, z) order
+happens in `read_image` and `write_image` only: `props["spacing"]` is (sz, sy, sx) in mm,
+array order; `props["origin"]` and `props["direction"]` stay in ITK's physical (x, y, z)
+form because nothing but the writer uses them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from utils import UserError, atomic_write
+
+IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
+GEOMETRY_TOL = 1e-4  # mm / direction-cosine tolerance when comparing two files' geometry
+
+
+# ----------------------------------------------------------------------------- reading / writing
+
+def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Read a 3D scalar volume. Returns `(array (D, H, W), props)` with
+    `props = {"spacing": (sz, sy, sx), "origin": (x, y, z), "direction": 9 floats}`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1][:150] if str(e).strip() else "unreadable"
+        raise UserError(f"{path}: cannot be read as an image ({first}); replace the corrupt file") from None
+    return _from_sitk(img, path)
+
+
+def _from_sitk(img: sitk.Image, path) -> tuple[np.ndarray, dict]:
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+                        "expected a scalar 3D volume")
+    if img.GetDimension() != 3:
+        raise UserError(f"{path}: is a {img.GetDimension()}D image; expected a 3D volume (D, H, W)")
+    array = sitk.GetArrayFromImage(img)
+    props = {"spacing": tuple(float(s) for s in reversed(img.GetSpacing())),
+             "origin": tuple(float(o) for o in img.GetOrigin()),
+             "direction": tuple(float(d) for d in img.GetDirection())}
+    return array, props
+
+
+def write_image(array: np.ndarray, props: dict, path: str | Path) -> None:
+    """Write `array (D, H, W)` with the geometry in `props` (as `read_image` returns it),
+    atomically: a reader never sees a half-written file."""
+    assert array.ndim == 3, f"expected a (D, H, W) array, got shape {array.shape}"
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(tuple(float(s) for s in reversed(props["spacing"])))
+    img.SetOrigin(props["origin"])
+    img.SetDirection(props["direction"])
+    atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
+
+
+def same_geometry(a: dict, b: dict, tol: float = GEOMETRY_TOL) -> bool:
+    return all(np.allclose(a[k], b[k], atol=tol, rtol=0) for k in ("spacing", "origin", "direction"))
+
+
+def resample(array: np.ndarray, props: dict, spacing, *, label: bool) -> tuple[np.ndarray, dict]:
+    """Resample `array (D, H, W)` to `spacing` (array order, mm) over the same physical
+    extent, keeping origin and direction. Linear for images, nearest neighbour for labels."""
+    img = to_sitk(array, props)
+    old_size, old_spacing = np.array(img.GetSize()), np.array(img.GetSpacing())
+    new_spacing = np.array(tuple(reversed(spacing)), dtype=float)
+    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
+    out = sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(),
+                        sitk.sitkNearestNeighbor if label else sitk.sitkLinear,
+                        img.GetOrigin(), tuple(new_spacing), img.GetDirection(), 0.0, img.GetPixelID())
+    return sitk.GetArrayFromImage(out), {**props, "spacing": tuple(float(s) for s in spacing)}
+
+
+def resample_onto(array: np.ndarray, props: dict, shape, target_props: dict, *, label: bool) -> np.ndarray:
+    """Resample `array` (on the grid of `props`) onto the grid `shape` + `target_props`."""
+    ref = sitk.Image([int(s) for s in reversed(shape)], sitk.sitkUInt8)
+    ref.SetSpacing(tuple(reversed(target_props["spacing"])))
+    ref.SetOrigin(target_props["origin"])
+    ref.SetDirection(target_props["direction"])
+    out = sitk.Resample(to_sitk(array, props), ref, sitk.Transform(),
+                        sitk.sitkNearestNeighbor if label else sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(out)
+
+
+def to_sitk(array: np.ndarray, props: dict) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(tuple(float(s) for s in reversed(props["spacing"])))
+    img.SetOrigin(props["origin"])
+    img.SetDirection(props["direction"])
+    return img
+
+
+# ----------------------------------------------------------------------------- cases and layouts
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith((".", "_"))
+
+
+def _strip_suffix(name: str) -> str | None:
+    for s in IMAGE_SUFFIXES:
+        if name.endswith(s):
+            return name[: -len(s)]
+    return None
+
+
+def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_dir") -> list[Case]:
+    """Cases under `root`, sorted by id, in either layout:
+
+    LASC 2018:      <root>/<case>/lgemri.nrrd   (+ <root>/<case>/laendo.nrrd)
+    MSD / nnU-Net:  <root>/imagesTr/<case>[_0000].nii.gz  (+ <root>/labelsTr/<case>.nii.gz)
+                    (imagesTs/ too when there is no imagesTr/)
+    Names starting with "." or "_" are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{flag} {root}: no such folder; point it at a LASC or MSD-layout dataset")
+    cases = []
+    images_dir = next((root / d for d in ("imagesTr", "imagesTs") if (root / d).is_dir()), None)
+    if images_dir is not None:
+        labels_dir = root / ("labelsTr" if images_dir.name == "imagesTr" else "labelsTs")
+        for f in sorted(images_dir.iterdir()):
+            stem = _strip_suffix(f.name)
+            if _is_hidden(f) or stem is None or (stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000"):
+                continue  # hidden, not an image, or a second channel (<case>_0001)
+            case_id = stem[:-5] if stem.endswith("_0000") else stem
+            label = next((labels_dir / f"{case_id}{s}" for s in IMAGE_SUFFIXES
+                          if (labels_dir / f"{case_id}{s}").is_file()), None)
+            cases.append(Case(case_id, f, label))
+    else:
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
+            if (d / "lgemri.nrrd").is_file():
+                label = d / "laendo.nrrd"
+                cases.append(Case(d.name, d / "lgemri.nrrd", label if label.is_file() else None))
+    if not cases:
+        raise UserError(f"{flag} {root}: no cases found; expected <case>/lgemri.nrrd (LASC layout) "
+                        "or imagesTr/<case>.nii.gz (MSD layout)")
+    if require_labels:
+        for c in cases:
+            if c.label is None:
+                expected = (c.image.parent / "laendo.nrrd" if c.image.name == "lgemri.nrrd"
+                            else root / "labelsTr" / f"{c.case_id}.nii.gz")
+                raise UserError(f"case {c.case_id}: missing label {expected}; add it or remove the case")
+    return cases
+
+
+def check_image(image: np.ndarray, path) -> np.ndarray:
+    if not np.isfinite(image).all():
+        raise UserError(f"{path}: contains NaN or inf voxels; repair or remove the scan")
+    return image.astype(np.float32, copy=False)
+
+
+def load_label(path, image_shape, image_props: dict) -> np.ndarray:
+    """Read a label, check it against its image, and return it as uint8 {0, 1}
+    (the LASC convention 0/255 is read as 0/1)."""
+    label, props = read_image(path)
+    if label.shape != tuple(image_shape):
+        raise UserError(f"{path}: label shape {label.shape} differs from its image's {tuple(image_shape)}; "
+                        "they must be on the same grid")
+    if not same_geometry(props, image_props):
+        raise UserError(f"{path}: label geometry (spacing/origin/direction) differs from its image's; "
+                        "resample the label onto the image grid")
+    values = np.unique(label)
+    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+        shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
+        raise UserError(f"{path}: label is not binary (values {shown}); expected 0/1 or 0/255")
+    return (label > 0).astype(np.uint8)
+
+
+def load_case(case: Case, *, with_label: bool = True):
+    """`(image float32 (D, H, W), label uint8 {0, 1} or None, props)`, validated."""
+    image, props = read_image(case.image)
+    image = check_image(image, case.image)
+    label = load_label(case.label, image.shape, props) if with_label and case.label is not None else None
+    return image, label, props
+
+
+def make_split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded train/validation split; at least one validation case when there are two or more."""
+    ids = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = 0 if len(ids) < 2 else min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+    val = sorted(ids[i] for i in order[:n_val])
+    return {"train": [i for i in ids if i not in val], "val": val}
+
+
+def read_split(path, case_ids) -> dict[str, list[str]]:
+    try:
+        split = json.loads(Path(path).read_text())
+        assert isinstance(split.get("train"), list) and isinstance(split.get("val"), list)
+    except (OSError, ValueError, AssertionError, AttributeError):
+        raise UserError(f"--split {path}: not a split file; expected JSON {{\"train\": [...], \"val\": [...]}}") from None
+    unknown = sorted(set(split["train"] + split["val"]) - set(case_ids))
+    if unknown:
+        raise UserError(f"--split {path}: case ids not in the data folder: {', '.join(unknown[:5])}")
+    if not split["train"]:
+        raise UserError(f"--split {path}: no training cases")
+    return {"train": list(split["train"]), "val": list(split["val"])}
+
+
+# ----------------------------------------------------------------------------- geometric rules
+
+def downscale_factors(scale_factor) -> tuple[int, int, int]:
+    """Integer block sizes of a scale factor: (0.5, 0.25, 0.25) -> (2, 4, 4)."""
+    factors = []
+    for s in scale_factor:
+        k = round(1 / s) if s > 0 else 0
+        if s <= 0 or s > 1 or abs(k * s - 1) > 1e-6:
+            raise UserError(f"--scale_factor {' '.join(str(x) for x in scale_factor)}: each factor must be "
+                            "1/k for a whole number k (e.g. 0.5 0.25 0.25)")
+        factors.append(k)
+    return tuple(factors)
+
+
+def pad_multiple(factors) -> tuple[int, int, int]:
+    """Full-resolution multiple that makes the downscaled shape divisible by 16 (the V-Net's
+    four halvings): 32 in D and 64 in H and W for factors (2, 4, 4)."""
+    return tuple(16 * k for k in factors)
+
+
+def round_up(shape, multiple) -> tuple[int, int, int]:
+    """Example: round_up((88, 576, 640), (32, 64, 64)) -> (96, 576, 640)."""
+    return tuple(int(math.ceil(s / m) * m) for s, m in zip(shape, multiple))
+
+
+def pad_symmetric(array: np.ndarray, shape, value: float = 0.0) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Pad `array` to `shape`, half before and half after (the odd voxel after). Returns the
+    padded array and the padding before each axis, which `unpad` and the centres need."""
+    before = tuple((t - s) // 2 for s, t in zip(array.shape, shape))
+    assert min(before) >= 0, f"cannot pad {array.shape} to smaller {tuple(shape)}"
+    widths = [(b, t - s - b) for b, s, t in zip(before, array.shape, shape)]
+    return np.pad(array, widths, constant_values=value), before
+
+
+def downscale(array: np.ndarray, factors) -> np.ndarray:
+    """Block mean over `factors` (shape must divide): exact area downsampling."""
+    d, h, w = (s // k for s, k in zip(array.shape, factors))
+    assert (d * factors[0], h * factors[1], w * factors[2]) == array.shape, f"{array.shape} vs {factors}"
+    return array.reshape(d, factors[0], h, factors[1], w, factors[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def zscore(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Normalise by the scan's own mean and standard deviation. Returns the normalised
+    image and the value a raw 0 takes, which is what the zero padding becomes."""
+    mean, std = float(image.mean()), float(image.std())
+    std = std if std > 1e-6 else 1.0
+    return ((image - mean) / std).astype(np.float32), -mean / std
+
+
+def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(lo, hi)` voxel bounds of the foreground, `hi` exclusive; None when empty."""
+    coords = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    if any(len(c) == 0 for c in coords):
+        return None
+    return np.array([c[0] for c in coords]), np.array([c[-1] + 1 for c in coords])
+
+
+def crop_start(centre, size, shape) -> tuple[int, int, int]:
+    """Start of a `size` window centred on `centre`, shifted to lie inside `shape`; a window
+    larger than the volume on an axis is centred on the volume (the rest is padding).
+
+    Example: crop_start((10, 50, 50), (16, 32, 32), (40, 64, 64)) -> (2, 32, 32).
+    """
+    start = []
+    for c, s, n in zip(centre, size, shape):
+        if s <= n:
+            start.append(int(min(max(round(c - s / 2), 0), n - s)))
+        else:
+            start.append(-((s - n) // 2))
+    return tuple(start)
+
+
+def crop(array: np.ndarray, start, size, fill: float = 0.0) -> np.ndarray:
+    """`array[start:start+size]` per axis, reading `fill` outside the volume."""
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    src = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, size, array.shape))
+    dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
+    out[dst] = array[src]
+    return out
+
+
+def paste(patch: np.ndarray, start, shape) -> np.ndarray:
+    """A zero volume of `shape` with `patch` placed at `start` (the inverse of `crop`)."""
+    out = np.zeros(tuple(shape), dtype=patch.dtype)
+    dst = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, patch.shape, shape))
+    src = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(dst, start))
+    out[dst] = patch[src]
+    return out
+
+
+def patch_size_for(extents, padding, limit) -> tuple[int, int, int]:
+    """The segmenter's fixed input size: the largest atrium extent plus the total margin
+    `padding`, rounded up to a multiple of 16, at most `limit` (the padded volume).
+
+    Example: patch_size_for([(60, 110, 180)], (30, 30, 30), (96, 640, 640)) -> (96, 144, 224).
+    """
+    largest = np.max(np.asarray(extents), axis=0)
+    return tuple(int(min(math.ceil((e + p) / 16) * 16, m)) for e, p, m in zip(largest, padding, limit))
+
+
+def locator_input(image: np.ndarray, fill: float, factors, shape=None) -> tuple[np.ndarray, tuple]:
+    """The locator's view of a z-scored scan: padded symmetrically to `shape` (default: its
+    own shape rounded up to the pad multiple) with `fill`, then block-averaged by `factors`.
+    Returns `(low-resolution (d, h, w) float32, padding before each axis)`."""
+    shape = round_up(image.shape, pad_multiple(factors)) if shape is None else shape
+    padded, before = pad_symmetric(image, shape, fill)
+    return downscale(padded, factors), before
+
+
+def locate(prob: np.ndarray, factors, pad_before, threshold: float = 0.5) -> dict:
+    """Centre and extent of the atrium from the locator's low-resolution probabilities.
+
+    Keeps the largest connected component above `threshold`, scales its bounding box back
+    to full resolution (a low-resolution voxel i covers [i k, (i + 1) k)) and removes the
+    padding. Returns {"centre": (z, y, x) voxels of the unpadded scan, "extent": (d, h, w)
+    voxels, "found": bool}; when nothing is found, centre and extent are None.
+    """
+    mask = prob >= threshold
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return {"centre": None, "extent": None, "found": False}
+    sizes = np.bincount(labels.ravel())[1:]
+    lo, hi = bounding_box(labels == (1 + int(np.argmax(sizes))))
+    k, before = np.asarray(factors), np.asarray(pad_before)
+    lo, hi = lo * k - before, hi * k - before
+    return {"centre": tuple(float(c) for c in (lo + hi) / 2), "extent": tuple(int(e) for e in hi - lo),
+            "found": True}
+
+
+# ----------------------------------------------------------------------------- training data
+
+def load_training_case(case: Case, spacing) -> tuple[np.ndarray, float, np.ndarray]:
+    """`(z-scored image, fill, label)` of a training case at the training `spacing`."""
+    image, label, props = load_case(case)
+    if not np.allclose(props["spacing"], spacing, rtol=1e-3, atol=0):
+        image, _ = resample(image, props, spacing, label=False)
+        label, _ = resample(label, props, spacing, label=True)
+    image, fill = zscore(image)
+    return image, fill, label
+
+
+class EpochSampler:
+    """The samples of one epoch: `samples_per_epoch` case indices, every case as often as
+    possible, in an order drawn from (seed, epoch). Sample j of an epoch also gets its own
+    augmentation generator from (seed, epoch, j), so a run is reproducible whatever the
+    number of data-loader workers, and can be resumed at any epoch."""
+
+    def __init__(self, num_cases: int, samples_per_epoch: int, seed: int):
+        self.num_cases, self.samples, self.seed, self.epoch = num_cases, samples_per_epoch, seed, 0
+        self.plan = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        reps = -(-self.samples // self.num_cases)
+        self.plan = np.concatenate([rng.permutation(self.num_cases) for _ in range(reps)])[: self.samples].tolist()
+
+    def draw(self, j: int) -> tuple[int, np.random.Generator]:
+        return self.plan[j], np.random.default_rng([self.seed, self.epoch, j, 1])
+
+
+class LocatorSet(torch.utils.data.Dataset):
+    """Downscaled, padded training volumes for the locator, held in memory (they are small:
+    48x160x160 per LASC case). Items: image (1, d, h, w) float32, label (1, d, h, w) {0, 1}."""
+
+    def __init__(self, volumes: list[tuple[np.ndarray, np.ndarray]], sampler: EpochSampler, augment):
+        self.volumes, self.sampler, self.augment = volumes, sampler, augment
+
+    def __len__(self):
+        return self.sampler.samples
+
+    def __getitem__(self, j):
+        i, rng = self.sampler.draw(j)
+        image, label = self.augment(*self.volumes[i], rng)
+        return torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32))
+
+
+class SegmenterSet(torch.utils.data.Dataset):
+    """Fixed-size crops for the segmenter. Half the crops sit where the trained locator puts
+    them (what prediction will see), half on the ground truth's box; augmentation then moves
+    them further. `load(i)` returns `(image, fill, label)` of case i."""
+
+    def __init__(self, load, centres: list, gt_centres: list, patch_size, sampler: EpochSampler, augment):
+        self.load, self.centres, self.gt_centres = load, centres, gt_centres
+        self.patch_size, self.sampler, self.augment = tuple(patch_size), sampler, augment
+
+    def __len__(self):
+        return self.sampler.samples
+
+    def __getitem__(self, j):
+        i, rng = self.sampler.draw(j)
+        image, fill, label = self.load(i)
+        centre = self.centres[i] if (self.centres[i] is not None and rng.random() < 0.5) else self.gt_centres[i]
+        start = crop_start(centre, self.patch_size, image.shape)
+        image, label = self.augment(crop(image, start, self.patch_size, fill), crop(label, start, self.patch_size, 0), rng)
+        return torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32))

@@ -1,0 +1,120 @@
+"""V-Net (Milletari, Navab and Ahmadi, 3DV 2016) as configured in the reference left-atrium
+write-up: 5x5x5 convolutions with PReLU, residual stages, 2x2x2 stride-2 down-convolutions
+and transposed up-convolutions, no normalisation layers, logits out."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvStack(nn.Sequential):
+    """`n` times (5x5x5 convolution, PReLU) at constant width `channels`."""
+
+    def __init__(self, channels: int, n: int, dilation: int = 1):
+        layers = []
+        for _ in range(n):
+            layers += [nn.Conv3d(channels, channels, 5, padding=2 * dilation, dilation=dilation),
+                       nn.PReLU(channels)]
+        super().__init__(*layers)
+
+
+class InputStage(nn.Module):
+    """One 5x5x5 convolution to `out_ch` channels, with the input added back (broadcast
+    over channels, as V-Net does with its single-channel input)."""
+
+    def __init__(self, in_ch: int, out_ch: int, dilation: int = 1):
+        super().__init__()
+        self.conv = nn.Conv3d(in_ch, out_ch, 5, padding=2 * dilation, dilation=dilation)
+        self.act = nn.PReLU(out_ch)
+        self.residual = out_ch % in_ch == 0
+        self.repeat = out_ch // in_ch
+
+    def forward(self, x):
+        out = self.act(self.conv(x))
+        if self.residual:
+            out = out + x.repeat_interleave(self.repeat, dim=1)
+        return out
+
+
+class DownStage(nn.Module):
+    """Halve the resolution and double the channels with a 2x2x2 stride-2 convolution, then
+    a residual stack of `n` convolutions."""
+
+    def __init__(self, in_ch: int, n: int, dilation: int = 1):
+        super().__init__()
+        out_ch = 2 * in_ch
+        self.down = nn.Conv3d(in_ch, out_ch, 2, stride=2)
+        self.act = nn.PReLU(out_ch)
+        self.convs = ConvStack(out_ch, n, dilation)
+
+    def forward(self, x):
+        down = self.act(self.down(x))
+        return self.convs(down) + down
+
+
+class UpStage(nn.Module):
+    """Double the resolution with a 2x2x2 transposed convolution to `out_ch // 2` channels,
+    concatenate the skip connection (`out_ch // 2` channels), then a residual stack."""
+
+    def __init__(self, in_ch: int, out_ch: int, n: int):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_ch, out_ch // 2, 2, stride=2)
+        self.act = nn.PReLU(out_ch // 2)
+        self.convs = ConvStack(out_ch, n)
+
+    def forward(self, x, skip):
+        cat = torch.cat([self.act(self.up(x)), skip], dim=1)
+        return self.convs(cat) + cat
+
+
+class VNet(nn.Module):
+    """V-Net for binary 3D segmentation.
+
+    Args:
+        in_channels: image channels (1 for LGE-MRI).
+        out_channels: logit channels (1 for a sigmoid foreground map).
+        num_layers: convolutions per stage: `num_layers` in the two finest encoder stages,
+            `num_layers + 1` in the two coarsest, mirrored in the decoder; the input stage
+            has one. `num_layers=1` has 10,759,065 parameters, `num_layers=2` 16,200,025
+            (the reference table's 10.75 M and 16.2 M; its code counts 241 more, from a
+            PReLU per decoder stage it never calls and one it applies to the logits).
+        dilation: dilation of the input stage's and the encoder's 5x5x5 convolutions.
+        base_channels: width of the input stage (8 in the reference); the encoder doubles it
+            at every stage (16/32/64/128). Smaller values are for tests and CPU demos.
+
+    Input (B, in_channels, D, H, W) with D, H and W divisible by 16; output logits
+    (B, out_channels, D, H, W).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, num_layers: int = 1,
+                 dilation: int = 1, base_channels: int = 8):
+        super().__init__()
+        if num_layers < 1 or dilation < 1 or base_channels < 1:
+            raise ValueError(f"num_layers, dilation and base_channels must be >= 1, got "
+                             f"{num_layers}, {dilation}, {base_channels}")
+        self.arch = dict(in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
+                         dilation=dilation, base_channels=base_channels)
+        c, n = base_channels, num_layers
+        self.input = InputStage(in_channels, c, dilation)
+        self.down1 = DownStage(c, n, dilation)            # 2c,  1/2
+        self.down2 = DownStage(2 * c, n, dilation)        # 4c,  1/4
+        self.down3 = DownStage(4 * c, n + 1, dilation)    # 8c,  1/8
+        self.down4 = DownStage(8 * c, n + 1, dilation)    # 16c, 1/16
+        self.up4 = UpStage(16 * c, 16 * c, n + 1)         # 16c, 1/8
+        self.up3 = UpStage(16 * c, 8 * c, n + 1)          # 8c,  1/4
+        self.up2 = UpStage(8 * c, 4 * c, n)               # 4c,  1/2
+        self.up1 = UpStage(4 * c, 2 * c, n)               # 2c,  1/1
+        self.output = nn.Conv3d(2 * c, out_channels, 1)
+
+    def forward(self, x):
+        assert all(s % 16 == 0 for s in x.shape[2:]), f"D, H, W must divide by 16, got {tuple(x.shape)}"
+        s0 = self.input(x)
+        s1 = self.down1(s0)
+        s2 = self.down2(s1)
+        s3 = self.down3(s2)
+        out = self.down4(s3)
+        out = self.up4(out, s3)
+        out = self.up3(out, s2)
+        out = self.up2(out, s1)
+        out = self.up1(out, s0)
+        return self.output(out)

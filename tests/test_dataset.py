@@ -1,0 +1,173 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import dataset as ds
+from utils import UserError
+
+ROTATED = {"spacing": (2.0, 0.7, 0.5), "origin": (-12.5, 40.0, 7.25),
+           "direction": (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)}
+
+
+def write_case(root: Path, case_id: str, image, label, props=ROTATED, layout="lasc"):
+    if layout == "lasc":
+        ds.write_image(image, props, root / case_id / "lgemri.nrrd")
+        if label is not None:
+            ds.write_image(label, props, root / case_id / "laendo.nrrd")
+    else:
+        ds.write_image(image, props, root / "imagesTr" / f"{case_id}_0000.nii.gz")
+        if label is not None:
+            ds.write_image(label, props, root / "labelsTr" / f"{case_id}.nii.gz")
+
+
+def test_read_write_round_trip_keeps_array_and_geometry(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    for name in ("x.nrrd", "x.nii.gz", "x.mha"):
+        ds.write_image(a, ROTATED, tmp_path / name)
+        b, props = ds.read_image(tmp_path / name)
+        assert np.array_equal(a, b) and ds.same_geometry(props, ROTATED)
+    # Spacing is stored reversed for SimpleITK: (x, y, z) = (0.5, 0.7, 2.0).
+    assert sitk.ReadImage(str(tmp_path / "x.nrrd")).GetSpacing() == (0.5, 0.7, 2.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mha", "x.nii.gz", "x.nrrd"]  # no temp files left
+
+
+def test_find_cases_lasc_layout_reads_255_labels_as_one(tmp_path):
+    img = np.zeros((4, 4, 4), np.uint8)
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 255
+    write_case(tmp_path, "b", img, lab)
+    write_case(tmp_path, "a", img, lab)
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "_skip").mkdir()
+    cases = ds.find_cases(tmp_path, require_labels=True)
+    assert [c.case_id for c in cases] == ["a", "b"]
+    _, label, _ = ds.load_case(cases[0])
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1}
+
+
+def test_find_cases_msd_layout_strips_channel_suffix(tmp_path):
+    img = np.zeros((4, 4, 4), np.float32)
+    write_case(tmp_path, "la_003", img, img.astype(np.uint8), layout="msd")
+    ds.write_image(img, ROTATED, tmp_path / "imagesTr" / "la_003_0001.nii.gz")  # second channel: ignored
+    ds.write_image(img, ROTATED, tmp_path / "imagesTr" / "._la_003.nii.gz")  # macOS litter: ignored
+    cases = ds.find_cases(tmp_path, require_labels=True)
+    assert [(c.case_id, c.label.name) for c in cases] == [("la_003", "la_003.nii.gz")]
+
+
+def test_empty_or_misnamed_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no cases found"):
+        ds.find_cases(tmp_path, require_labels=False)
+    (tmp_path / "case1").mkdir()
+    ds.write_image(np.zeros((4, 4, 4)), ROTATED, tmp_path / "case1" / "image.nrrd")
+    with pytest.raises(UserError, match="lgemri.nrrd"):
+        ds.find_cases(tmp_path, require_labels=False)
+    with pytest.raises(UserError, match="no such folder"):
+        ds.find_cases(tmp_path / "nope", require_labels=False)
+
+
+def test_missing_label_is_named(tmp_path):
+    write_case(tmp_path, "c1", np.zeros((4, 4, 4), np.uint8), None)
+    with pytest.raises(UserError, match="c1.*laendo.nrrd"):
+        ds.find_cases(tmp_path, require_labels=True)
+
+
+@pytest.mark.parametrize("problem", ["shape", "geometry", "values", "nan", "2d", "4d", "corrupt"])
+def test_bad_case_files_are_user_errors(tmp_path, problem):
+    img = np.zeros((4, 5, 6), np.float32)
+    lab = np.zeros((4, 5, 6), np.uint8)
+    props = ROTATED
+    if problem == "shape":
+        lab = np.zeros((4, 5, 7), np.uint8)
+    if problem == "values":
+        lab[0, 0, :3] = [1, 2, 3]
+    if problem == "nan":
+        img[1, 1, 1] = np.nan
+    write_case(tmp_path, "c", img, lab, props)
+    if problem == "geometry":
+        ds.write_image(lab, {**props, "origin": (0.0, 0.0, 0.0)}, tmp_path / "c" / "laendo.nrrd")
+    if problem == "2d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6), np.float32)), str(tmp_path / "c" / "lgemri.nrrd"))
+    if problem == "4d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.float32), isVector=False),
+                        str(tmp_path / "c" / "lgemri.nrrd"))
+    if problem == "corrupt":
+        data = (tmp_path / "c" / "lgemri.nrrd").read_bytes()
+        (tmp_path / "c" / "lgemri.nrrd").write_bytes(data[:40])
+    expected = {"shape": "label shape", "geometry": "geometry", "values": "not binary", "nan": "NaN",
+                "2d": "2D image", "4d": "4D image", "corrupt": "cannot be read"}[problem]
+    with pytest.raises(UserError, match=expected):
+        ds.load_case(ds.find_cases(tmp_path, require_labels=True)[0])
+
+
+def test_split_is_seeded_and_keeps_a_validation_case():
+    ids = [f"c{i}" for i in range(10)]
+    a, b = ds.make_split(ids, 0.2, seed=1), ds.make_split(ids, 0.2, seed=1)
+    assert a == b and len(a["val"]) == 2 and sorted(a["train"] + a["val"]) == ids
+    assert ds.make_split(ids, 0.2, seed=2) != a
+    assert len(ds.make_split(["x", "y"], 0.0, seed=0)["val"]) == 1
+    assert ds.make_split(["x"], 0.2, seed=0) == {"train": ["x"], "val": []}
+
+
+def test_padding_rule_and_downscaling():
+    assert ds.pad_multiple(ds.downscale_factors((0.5, 0.25, 0.25))) == (32, 64, 64)
+    assert ds.round_up((88, 576, 640), (32, 64, 64)) == (96, 576, 640)
+    a = np.ones((3, 5, 4), np.float32)
+    p, before = ds.pad_symmetric(a, (6, 8, 4), value=-1)
+    assert before == (1, 1, 0) and p.shape == (6, 8, 4)
+    assert p[1:4, 1:6].min() == 1 and p[0].max() == -1 and p[4:].max() == -1
+    x = np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
+    assert np.allclose(ds.downscale(x, (2, 4, 4))[0, 0, 0], x[:2, :4, :4].mean())
+    for bad in [(0.3, 0.25, 0.25), (0.0, 0.5, 0.5), (2.0, 1.0, 1.0)]:
+        with pytest.raises(UserError, match="scale_factor"):
+            ds.downscale_factors(bad)
+
+
+def test_zscore_statistics_come_from_the_scan_only():
+    image = np.array([0, 2, 4, 6], np.float32).reshape(1, 1, 4)
+    z, fill = ds.zscore(image)
+    assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-6
+    assert abs(fill - (0 - 3) / np.std([0, 2, 4, 6])) < 1e-6  # what a zero-padded voxel becomes
+
+
+def test_crop_and_paste_are_inverse_inside_and_outside_the_volume():
+    rng = np.random.default_rng(0)
+    vol = rng.random((10, 12, 14)).astype(np.float32)
+    for start, size in [((2, 3, 4), (4, 6, 8)), ((-3, -2, 0), (16, 16, 16)), ((8, 10, 12), (4, 4, 4))]:
+        patch = ds.crop(vol, start, size, fill=-7)
+        back = ds.paste(patch, start, vol.shape)
+        inside = ds.paste(np.ones(size, np.float32), start, vol.shape) > 0
+        assert np.array_equal(back[inside], vol[inside]) and back[~inside].max(initial=0) == 0
+        assert (patch == -7).sum() == np.prod(size) - inside.sum()
+
+
+def test_crop_start_shifts_inside_and_centres_oversized_windows():
+    assert ds.crop_start((1, 50, 60), (16, 32, 32), (40, 64, 64)) == (0, 32, 32)
+    assert ds.crop_start((20, 32, 32), (48, 32, 32), (40, 64, 64)) == (-4, 16, 16)
+
+
+def test_locate_scales_box_back_and_removes_padding():
+    prob = np.zeros((8, 8, 8), np.float32)
+    prob[2:4, 3:5, 1:2] = 0.9   # the atrium
+    prob[7, 7, 7] = 0.9         # a stray voxel: not the largest component
+    found = ds.locate(prob, (2, 4, 4), pad_before=(1, 2, 3))
+    # low-res box [2, 4) x [3, 5) x [1, 2) -> full res [4, 8) x [12, 20) x [4, 8), minus padding
+    assert found == {"centre": (5.0, 14.0, 3.0), "extent": (4, 8, 4), "found": True}
+    assert ds.locate(np.zeros((4, 4, 4)), (2, 4, 4), (0, 0, 0))["found"] is False
+
+
+def test_patch_size_rule():
+    assert ds.patch_size_for([(60, 110, 180), (50, 100, 100)], (30, 30, 30), (96, 640, 640)) == (96, 144, 224)
+    assert ds.patch_size_for([(90, 110, 180)], (30, 30, 30), (96, 640, 640)) == (96, 144, 224)
+
+
+def test_resample_keeps_physical_extent_and_labels_binary():
+    lab = np.zeros((10, 20, 20), np.uint8)
+    lab[3:7, 5:15, 5:15] = 1
+    props = {**ROTATED, "spacing": (1.25, 1.25, 1.25)}
+    out, out_props = ds.resample(lab, props, (0.625, 0.625, 0.625), label=True)
+    assert out.shape == (20, 40, 40) and set(np.unique(out)) == {0, 1}
+    assert out_props["origin"] == props["origin"] and out_props["spacing"] == (0.625, 0.625, 0.625)
+    back = ds.resample_onto(out, out_props, lab.shape, props, label=True)
+    assert np.array_equal(back, lab)

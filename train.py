@@ -1,0 +1,323 @@
+"""Train the two-stage left-atrium pipeline: a locator V-Net on downscaled volumes, then a
+segmenter V-Net on fixed-size full-resolution crops placed by the locator.
+
+    python train.py --data_dir data/phantoms --output_dir runs/demo            # both stages
+    python train.py --stage locator --data_dir DATA --output_dir RUN
+    python train.py --stage segmenter --data_dir DATA --output_dir RUN --locator_path RUN/locator/best.pt
+
+Full size on the LASC 2018 data, with the reference's hyper-parameters (the defaults):
+
+    python train.py --data_dir /data/LASC2018/Training_Set --output_dir runs/lasc --device cuda
+
+Writes RUN/config.json, RUN/split.json, and per stage RUN/<stage>/{best.pt, latest.pt,
+log.csv}; the locator also writes RUN/locator/centres.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dataset as ds
+import predict
+from augment import Augmenter
+from losses import LOSSES
+from metrics import dice
+from models import VNet, count_parameters, model_arch
+from utils import (ArgParser, UserError, load_checkpoint, resolve_device, run_cli, save_checkpoint, seed_everything,
+                   set_cpu_threads, write_json)
+
+
+def parse_args(argv=None):
+    p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data and run")
+    g.add_argument("--data_dir", "--root_dir", dest="data_dir", default="data/phantoms", help="dataset folder (LASC or MSD layout)")
+    g.add_argument("--output_dir", default="runs/demo", help="run folder")
+    g.add_argument("--stage", choices=("both", "locator", "segmenter"), default="both", help="which stage(s) to train")
+    g.add_argument("--locator_path", help="trained locator for --stage segmenter (default: RUN/locator/best.pt)")
+    g.add_argument("--split", help="JSON split file to reuse (default: RUN/split.json if present, else a new one)")
+    g.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases held out for validation")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, weights, sampling and augmentation")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    g.add_argument("--num_workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, 4 on CUDA)")
+    g.add_argument("--save_after_epochs", type=int, default=50, help="also keep a checkpoint every N epochs")
+    g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a stage already trained in RUN")
+    m = p.add_argument_group("model")
+    m.add_argument("--num_layers", type=int, default=1, help="V-Net convolutions per stage (2: the 16.2 M model)")
+    m.add_argument("--dilation", type=int, default=1, help="dilation of the segmenter encoder's 5x5x5 convolutions")
+    m.add_argument("--base_channels", type=int, default=8, help="V-Net input-stage width (8: reference; less for CPU demos)")
+    s = p.add_argument_group("segmenter")
+    s.add_argument("--batch_size", type=int, default=3)
+    s.add_argument("--learning_rate", type=float, default=3e-4)
+    s.add_argument("--loss_criterion", choices=sorted(LOSSES), default="Dice")
+    s.add_argument("--patience", type=int, default=7, help="ReduceLROnPlateau patience (epochs)")
+    s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
+    s.add_argument("--max_epochs", type=int, default=200)
+    s.add_argument("--samples_per_epoch", type=int, default=None, help="crops per epoch (default: 6 per training case)")
+    s.add_argument("--patch_size", type=int, nargs=3, metavar=("D", "H", "W"), help="segmenter input size (default: derived)")
+    s.add_argument("--padding", type=int, nargs=3, metavar=("D", "H", "W"), default=(30, 30, 30),
+                   help="total margin added to the largest atrium extent to derive the patch size")
+    loc = p.add_argument_group("locator")
+    loc.add_argument("--locator_batch_size", type=int, default=5)
+    loc.add_argument("--locator_learning_rate", type=float, default=1e-4)
+    loc.add_argument("--locator_patience", type=int, default=15)
+    loc.add_argument("--locator_reduce", type=float, default=0.85)
+    loc.add_argument("--locator_max_epochs", type=int, default=None, help="default: --max_epochs")
+    loc.add_argument("--locator_samples_per_epoch", type=int, default=None, help="default: 6 per training case")
+    loc.add_argument("--scale_factor", type=float, nargs=3, metavar=("D", "H", "W"), default=(0.5, 0.25, 0.25),
+                     help="locator downscaling, each 1/k for a whole k")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Impossible values are refused up front, naming the flag."""
+    positive = ["max_epochs", "batch_size", "locator_batch_size", "learning_rate", "locator_learning_rate",
+                "num_layers", "dilation", "base_channels", "save_after_epochs", "samples_per_epoch",
+                "locator_samples_per_epoch", "locator_max_epochs"]
+    for name in positive:
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise UserError(f"--{name} {v}: must be greater than 0")
+    for name in ("patience", "locator_patience", "num_workers", "seed"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            raise UserError(f"--{name} {v}: must be 0 or more")
+    for name in ("reduce", "locator_reduce"):
+        if not 0 < getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must lie strictly between 0 and 1")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val_fraction {args.val_fraction}: must lie in [0, 1)")
+    if min(args.padding) < 0:
+        raise UserError(f"--padding {' '.join(map(str, args.padding))}: must be 0 or more")
+    if args.patch_size and any(p <= 0 or p % 16 for p in args.patch_size):
+        raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: each size must be a positive multiple of 16")
+    ds.downscale_factors(args.scale_factor)
+
+
+def stage_settings(args, name: str, n_train: int) -> SimpleNamespace:
+    if name == "locator":
+        return SimpleNamespace(batch_size=args.locator_batch_size, lr=args.locator_learning_rate,
+                               patience=args.locator_patience, reduce=args.locator_reduce,
+                               max_epochs=args.locator_max_epochs or args.max_epochs,
+                               samples=args.locator_samples_per_epoch or 6 * n_train)
+    return SimpleNamespace(batch_size=args.batch_size, lr=args.learning_rate, patience=args.patience,
+                           reduce=args.reduce, max_epochs=args.max_epochs, samples=args.samples_per_epoch or 6 * n_train)
+
+
+def survey(cases: list[ds.Case]) -> list[dict]:
+    """Read every case once: validate it and record shape, spacing and the atrium's box."""
+    records = []
+    for case in tqdm(cases, desc="checking data", unit="case", disable=not sys.stderr.isatty()):
+        image, label, props = ds.load_case(case)
+        box = ds.bounding_box(label)
+        records.append({"shape": image.shape, "spacing": props["spacing"], "box": box})
+    return records
+
+
+def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device) -> Path:
+    """The training loop shared by both stages; returns the path of the best checkpoint."""
+    loss_fn = LOSSES[config.get("loss", "Dice")]
+    loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=False,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=settings.patience, factor=settings.reduce)
+    stage_dir = run_dir / name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    log_path = stage_dir / "log.csv"
+    with open(log_path, "w", newline="") as f:
+        csv.writer(f).writerow(["epoch", "train_loss", "val_dice", "learning_rate", "seconds"])
+    print(f"{name}: {count_parameters(model):,} parameters, {settings.max_epochs} epochs of {settings.samples} samples")
+    best = -math.inf
+    for epoch in range(1, settings.max_epochs + 1):
+        t0 = time.time()
+        train_set.sampler.set_epoch(epoch)
+        model.train()
+        losses = []
+        for image, label in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
+                                 disable=not sys.stderr.isatty()):
+            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(image)
+            loss = loss_fn(logits.float(), label)
+            if not torch.isfinite(loss):
+                raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last good "
+                                f"checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        train_loss = float(np.mean(losses))
+        val_dice = validate(model)
+        score = val_dice if val_dice is not None else 1 - train_loss
+        sched.step(score)
+        state = {"epoch": epoch, "best_dice": max(best, score), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        save_checkpoint(stage_dir / "latest.pt", model, config, **state)
+        if score > best:
+            best = score
+            save_checkpoint(stage_dir / "best.pt", model, config, **state)
+        if epoch % args.save_after_epochs == 0:
+            save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
+        row = [epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
+               f"{opt.param_groups[0]['lr']:.3g}", f"{time.time() - t0:.1f}"]
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+        print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {row[2] or '-'}  ({row[4]} s)", flush=True)
+    return stage_dir / "best.pt"
+
+
+def train_locator(args, cases, records, split, spacing, run_dir, device) -> Path:
+    factors = ds.downscale_factors(args.scale_factor)
+    common = ds.round_up(np.max([r["shape"] for r in records], axis=0), ds.pad_multiple(factors))
+    volumes = {}
+    for case in cases:
+        image, fill, label = ds.load_training_case(case, spacing)
+        low, before = ds.locator_input(image, fill, factors, common)
+        low_label = (ds.downscale(ds.pad_symmetric(label.astype(np.float32), common)[0], factors) >= 0.5).astype(np.uint8)
+        volumes[case.case_id] = (low, low_label)
+    train_ids, val_ids = split["train"], split["val"]
+    st = stage_settings(args, "locator", len(train_ids))
+    augment = Augmenter(max_translation=max(1, round(5 / max(factors[1:]))))
+    train_set = ds.LocatorSet([volumes[i] for i in train_ids], ds.EpochSampler(len(train_ids), st.samples, args.seed), augment)
+
+    def validate(model):
+        if not val_ids:
+            return None
+        model.eval()
+        return float(np.mean([dice(predict.infer(model, volumes[i][0], device) >= 0.5, volumes[i][1]) for i in val_ids]))
+
+    model = VNet(num_layers=args.num_layers, base_channels=args.base_channels).to(device)
+    config = {"role": "locator", "arch": model_arch(model), "factors": list(factors), "scale_factor": list(args.scale_factor),
+              "spacing": list(spacing), "common_shape": list(common), "loss": "Dice"}
+    best = fit("locator", model, train_set, validate, st, args, run_dir, config, device)
+
+    # Record where the best locator puts every case, as prediction will (own-shape padding).
+    pipe = predict.Pipeline(load_stage_model(best, "locator", device), None, factors, None, spacing, device)
+    centres = {}
+    for case in cases:
+        image, fill, _ = ds.load_training_case(case, spacing)
+        centres[case.case_id] = predict.locate_case(pipe, image, fill)
+    write_json(run_dir / "locator" / "centres.json", centres)
+    return best
+
+
+def load_stage_model(path, role, device):
+    return predict.load_model(load_checkpoint(path, role, "--locator_path"), path, device)
+
+
+def train_segmenter(args, cases, records, split, spacing, run_dir, device, locator_path: Path) -> Path:
+    loc_ckpt = load_checkpoint(locator_path, "locator", "--locator_path")
+    if not np.allclose(loc_ckpt["config"]["spacing"], spacing, rtol=1e-3):
+        raise UserError(f"--locator_path {locator_path}: trained at spacing {loc_ckpt['config']['spacing']}, these data "
+                        f"at {list(spacing)}; train the locator on the same data")
+    factors = tuple(loc_ckpt["config"]["factors"])
+    common = ds.round_up(np.max([r["shape"] for r in records], axis=0), ds.pad_multiple(factors))
+    extents = [(r["box"][1] - r["box"][0]) for r, c in zip(records, cases) if c.case_id in split["train"]]
+    patch = tuple(args.patch_size) if args.patch_size else ds.patch_size_for(extents, args.padding, common)
+    print(f"segmenter patch size {patch} (volumes padded to {tuple(common)})")
+
+    pipe = predict.Pipeline(predict.load_model(loc_ckpt, locator_path, device), None, factors, patch, spacing, device)
+    by_id = {c.case_id: c for c in cases}
+    centres, gt_centres = {}, {}
+    for case in cases:
+        image, fill, label = ds.load_training_case(case, spacing)
+        found = predict.locate_case(pipe, image, fill)
+        centres[case.case_id] = found["centre"] if found["found"] else None
+        box = ds.bounding_box(label)
+        gt_centres[case.case_id] = None if box is None else tuple((box[0] + box[1]) / 2)
+        if found["found"] and any(e > p for e, p in zip(found["extent"], patch)):
+            print(f"warning: case {case.case_id}: located atrium {found['extent']} is larger than the patch {patch}")
+    missed = [i for i, c in centres.items() if c is None]
+    if missed:
+        print(f"warning: the locator found no atrium in {len(missed)} case(s) ({', '.join(missed[:5])}); "
+              "their crops use the ground truth's centre", file=sys.stderr)
+
+    train_ids, val_ids = split["train"], split["val"]
+    total_voxels = sum(int(np.prod(r["shape"])) for r in records)
+    cache = {} if total_voxels * 5 < 2 * 2**30 else None  # keep small datasets in memory
+
+    def load(i):
+        cid = train_ids[i]
+        if cache is not None and cid in cache:
+            return cache[cid]
+        item = ds.load_training_case(by_id[cid], spacing)
+        if cache is not None:
+            cache[cid] = item
+        return item
+
+    st = stage_settings(args, "segmenter", len(train_ids))
+    train_set = ds.SegmenterSet(load, [centres[i] for i in train_ids], [gt_centres[i] for i in train_ids], patch,
+                                ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), Augmenter())
+
+    def validate(model):
+        if not val_ids:
+            return None
+        model.eval()
+        pipe.segmenter, scores = model, []
+        for cid in val_ids:
+            image, fill, label = ds.load_training_case(by_id[cid], spacing)
+            centre = centres[cid] if centres[cid] is not None else tuple((s - 1) / 2 for s in image.shape)
+            scores.append(dice(predict.segment_at(pipe, image, fill, centre) >= 0.5, label))
+        return float(np.mean(scores))
+
+    model = VNet(num_layers=args.num_layers, dilation=args.dilation, base_channels=args.base_channels).to(device)
+    config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
+              "loss": args.loss_criterion, "locator_path": str(locator_path)}
+    return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    seed_everything(args.seed)
+    set_cpu_threads()
+    device = resolve_device(args.device)
+    if args.num_workers is None:
+        args.num_workers = 4 if device.type == "cuda" else 0
+    run_dir = Path(args.output_dir)
+    stages = ["locator", "segmenter"] if args.stage == "both" else [args.stage]
+    for stage in stages:
+        if (run_dir / stage / "best.pt").exists() and not args.overwrite:
+            raise UserError(f"--output_dir {run_dir}: the {stage} is already trained there ({run_dir / stage / 'best.pt'}); "
+                            "choose another --output_dir or pass --overwrite")
+    locator_path = Path(args.locator_path) if args.locator_path else run_dir / "locator" / "best.pt"
+    if args.stage == "segmenter":
+        load_checkpoint(locator_path, "locator", "--locator_path")  # fail before reading any data
+
+    if args.data_dir == "data/phantoms" and not Path(args.data_dir).exists():
+        import phantoms
+        print("no data at data/phantoms: generating the synthetic phantom set there")
+        phantoms.write_phantom_dataset("data/phantoms", num_cases=12, shapes=((48, 128, 128), (48, 112, 112)))
+    cases = ds.find_cases(args.data_dir, require_labels=True)
+    ids = [c.case_id for c in cases]
+    split_path = Path(args.split) if args.split else run_dir / "split.json"
+    split = ds.read_split(split_path, ids) if split_path.exists() else ds.make_split(ids, args.val_fraction, args.seed)
+    records = survey(cases)
+    for case, r in zip(cases, records):
+        if r["box"] is None and case.case_id in split["train"]:
+            raise UserError(f"{case.label}: label is empty; every training case needs an atrium (or move it to 'val' in the split)")
+    spacing = tuple(float(s) for s in np.median([r["spacing"] for r in records], axis=0))
+    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), spacing {spacing} mm")
+
+    write_json(run_dir / "split.json", split)
+    config_path = run_dir / "config.json"
+    config = ds.json.loads(config_path.read_text()) if config_path.exists() else {}
+    for stage in stages:
+        config[stage] = {k: v for k, v in vars(args).items()}
+    write_json(config_path, config)
+
+    if "locator" in stages:
+        locator_path = train_locator(args, cases, records, split, spacing, run_dir, device)
+    if "segmenter" in stages:
+        train_segmenter(args, cases, records, split, spacing, run_dir, device, locator_path)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 import dataset as ds
 from metrics import compute_metrics, summarise
 from models import build_model
-from utils import ArgParser, UserError, atomic_write, load_checkpoint, resolve_device, run_cli, set_cpu_threads
+from utils import (ArgParser, UserError, atomic_write, load_checkpoint, memory_format, resolve_device, run_cli,
+                   set_cpu_threads)
 
 OUTPUT_SUFFIX = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha"}
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "specificity")
@@ -49,7 +50,7 @@ def load_model(ckpt: dict, path, device) -> torch.nn.Module:
     except RuntimeError:
         raise UserError(f"{path}: weights do not fit the architecture recorded in the checkpoint; "
                         "the file is damaged or was edited, retrain or use another checkpoint") from None
-    return model.to(device).eval()
+    return model.to(device, memory_format=memory_format(device)).eval()
 
 
 def load_pipeline(locator_path, segmenter_path, device) -> Pipeline:
@@ -66,7 +67,8 @@ def load_pipeline(locator_path, segmenter_path, device) -> Pipeline:
 @torch.no_grad()
 def infer(model: torch.nn.Module, array: np.ndarray, device: torch.device) -> np.ndarray:
     """Foreground probabilities of one (D, H, W) volume, float32 (D, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    x = x.to(device, memory_format=memory_format(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(x)
     return torch.sigmoid(logits.float())[0, 0].cpu().numpy()

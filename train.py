@@ -32,7 +32,7 @@ from augment import Augmenter
 from losses import LOSSES
 from metrics import dice
 from models import VNet, count_parameters, model_arch
-from utils import (ArgParser, UserError, load_checkpoint, resolve_device, run_cli, save_checkpoint, seed_everything,
+from utils import (ArgParser, UserError, load_checkpoint, memory_format, resolve_device, run_cli, save_checkpoint, seed_everything,
                    set_cpu_threads, write_json)
 
 
@@ -125,6 +125,8 @@ def survey(cases: list[ds.Case]) -> list[dict]:
 def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device) -> Path:
     """The training loop shared by both stages; returns the path of the best checkpoint."""
     loss_fn = LOSSES[config.get("loss", "Dice")]
+    fmt = memory_format(device)
+    model.to(device, memory_format=fmt)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=False,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda")
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
@@ -143,7 +145,8 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
         losses = []
         for image, label in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
                                  disable=not sys.stderr.isatty()):
-            image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+            image = image.to(device, non_blocking=True, memory_format=fmt)
+            label = label.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(image)
             loss = loss_fn(logits.float(), label)

@@ -177,6 +177,11 @@ def load_label(path, image_shape, image_props: dict) -> np.ndarray:
     if not same_geometry(props, image_props):
         raise UserError(f"{path}: label geometry (spacing/origin/direction) differs from its image's; "
                         "resample the label onto the image grid")
+    return binary_label(label, path)
+
+
+def binary_label(label: np.ndarray, path) -> np.ndarray:
+    """uint8 {0, 1} from a label holding 0/1 or 0/255; anything else is a user error."""
     values = np.unique(label)
     if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")

@@ -17,7 +17,6 @@ handling is exercised too:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 

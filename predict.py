@@ -14,7 +14,6 @@ per-case metrics and their mean +- std is printed.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 import dataset as ds
+from evaluate import METRIC_KEYS, write_csv
 from metrics import compute_metrics, summarise
 from models import build_model
-from utils import (ArgParser, UserError, atomic_write, load_checkpoint, memory_format, resolve_device, run_cli,
+from utils import (ArgParser, UserError, load_checkpoint, memory_format, resolve_device, run_cli,
                    set_cpu_threads)
 
 OUTPUT_SUFFIX = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha"}
-METRIC_KEYS = ("dice", "iou", "precision", "recall", "specificity")
 
 
 @dataclass
@@ -141,15 +140,6 @@ def cases_from_args(args) -> list[ds.Case]:
     return cases
 
 
-def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
-
-
 def main(argv=None):
     args = parse_args(argv)
     cases = cases_from_args(args)
@@ -188,7 +178,7 @@ def main(argv=None):
     for f in flagged:
         print(f"warning: {f}", file=sys.stderr)
     if rows:
-        write_metrics_csv(out_dir / "metrics.csv", rows)
+        write_csv(out_dir / "metrics.csv", rows)
         stats = summarise(rows, METRIC_KEYS)
         print(f"metrics over {len(rows)} case(s) ({out_dir / 'metrics.csv'}):")
         for k, (mean, std) in stats.items():

@@ -105,14 +105,6 @@ class VNet(nn.Module):
         self.up2 = UpStage(8 * c, 4 * c, n)               # 4c,  1/2
         self.up1 = UpStage(4 * c, 2 * c, n)               # 2c,  1/1
         self.output = nn.Conv3d(2 * c, out_channels, 1)
-        # He initialisation for PReLU (slope 0.25 at start), as the PReLU paper derives it.
-        # Without normalisation layers, PyTorch's default (smaller) initialisation leaves the
-        # net slow to start and prone to collapsing to an all-background output under Dice.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-                nn.init.kaiming_normal_(m.weight, a=0.25)
-                nn.init.zeros_(m.bias)
-
     def forward(self, x):
         assert all(s % 16 == 0 for s in x.shape[2:]), f"D, H, W must divide by 16, got {tuple(x.shape)}"
         s0 = self.input(x)

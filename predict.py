@@ -163,8 +163,10 @@ def main(argv=None):
             else:
                 mask, info = segment(pipe, image, props)
                 ds.write_image(mask * np.uint8(args.label_value), props, out_path)
-            if not info["locator_found"] or info["atrium_larger_than_patch"]:
-                flagged.append(f"{case.case_id} ({'locator found nothing: cropped at the volume centre' if not info['locator_found'] else 'atrium larger than the patch'})")
+            if not info["locator_found"]:
+                flagged.append(f"{case.case_id}: the locator found nothing; cropped at the volume centre")
+            elif info["atrium_larger_than_patch"]:
+                flagged.append(f"{case.case_id}: the located atrium is larger than the segmenter's patch")
             if case.label is not None:
                 label = ds.load_label(case.label, image.shape, props)
                 rows.append({"case_id": case.case_id, **compute_metrics(mask, label, spacing=props["spacing"]),

@@ -240,9 +240,20 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
 
     pipe = predict.Pipeline(predict.load_model(loc_ckpt, locator_path, device), None, factors, patch, spacing, device)
     by_id = {c.case_id: c for c in cases}
+    total_voxels = sum(int(np.prod(r["shape"])) for r in records)
+    cache = {} if total_voxels * 5 < 2 * 2**30 else None  # small datasets stay in memory
+
+    def load(cid):
+        item = cache.get(cid) if cache is not None else None
+        if item is None:
+            item = ds.load_training_case(by_id[cid], spacing)
+            if cache is not None:
+                cache[cid] = item
+        return item
+
     centres, gt_centres = {}, {}
     for case in cases:
-        image, fill, label = ds.load_training_case(case, spacing)
+        image, fill, label = load(case.case_id)
         found = predict.locate_case(pipe, image, fill)
         centres[case.case_id] = found["centre"] if found["found"] else None
         box = ds.bounding_box(label)
@@ -255,20 +266,9 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
               "their crops use the ground truth's centre", file=sys.stderr)
 
     train_ids, val_ids = split["train"], split["val"]
-    total_voxels = sum(int(np.prod(r["shape"])) for r in records)
-    cache = {} if total_voxels * 5 < 2 * 2**30 else None  # keep small datasets in memory
-
-    def load(i):
-        cid = train_ids[i]
-        if cache is not None and cid in cache:
-            return cache[cid]
-        item = ds.load_training_case(by_id[cid], spacing)
-        if cache is not None:
-            cache[cid] = item
-        return item
-
     st = stage_settings(args, "segmenter", len(train_ids))
-    train_set = ds.SegmenterSet(load, [centres[i] for i in train_ids], [gt_centres[i] for i in train_ids], patch,
+    train_set = ds.SegmenterSet(lambda i: load(train_ids[i]), [centres[i] for i in train_ids],
+                                [gt_centres[i] for i in train_ids], patch,
                                 ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), Augmenter())
 
     def validate(model):
@@ -277,7 +277,7 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
         model.eval()
         pipe.segmenter, scores = model, []
         for cid in val_ids:
-            image, fill, label = ds.load_training_case(by_id[cid], spacing)
+            image, fill, label = load(cid)
             centre = centres[cid] if centres[cid] is not None else tuple((s - 1) / 2 for s in image.shape)
             scores.append(dice(predict.segment_at(pipe, image, fill, centre) >= 0.5, label))
         return float(np.mean(scores))

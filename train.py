@@ -309,7 +309,7 @@ def main(argv=None):
     if args.data_dir == "data/phantoms" and not Path(args.data_dir).exists():
         import phantoms
         print("no data at data/phantoms: generating the synthetic phantom set there")
-        phantoms.write_phantom_dataset("data/phantoms", num_cases=12, shapes=((48, 128, 128), (48, 112, 112)))
+        phantoms.write_phantom_dataset("data/phantoms", num_cases=40, shapes=((48, 128, 128), (48, 112, 112)))
     cases = ds.find_cases(args.data_dir, require_labels=True)
     ids = [c.case_id for c in cases]
     split_path = Path(args.split) if args.split else run_dir / "split.json"

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 import dataset as ds
-from evaluate import METRIC_KEYS, write_csv
-from metrics import compute_metrics, summarise
+from evaluate import METRIC_KEYS, score_case, write_csv
+from metrics import summarise
 from models import build_model
 from utils import (ArgParser, UserError, load_checkpoint, memory_format, resolve_device, run_cli,
                    set_cpu_threads)
@@ -169,7 +169,7 @@ def main(argv=None):
                 flagged.append(f"{case.case_id}: the located atrium is larger than the segmenter's patch")
             if case.label is not None:
                 label = ds.load_label(case.label, image.shape, props)
-                rows.append({"case_id": case.case_id, **compute_metrics(mask, label, spacing=props["spacing"]),
+                rows.append({"case_id": case.case_id, **score_case(mask, label, props),
                              "locator_found": int(info["locator_found"])})
         except UserError as e:
             failed.append(f"{case.case_id}: {e}")

@@ -105,6 +105,7 @@ class VNet(nn.Module):
         self.up2 = UpStage(8 * c, 4 * c, n)               # 4c,  1/2
         self.up1 = UpStage(4 * c, 2 * c, n)               # 2c,  1/1
         self.output = nn.Conv3d(2 * c, out_channels, 1)
+
     def forward(self, x):
         assert all(s % 16 == 0 for s in x.shape[2:]), f"D, H, W must divide by 16, got {tuple(x.shape)}"
         s0 = self.input(x)

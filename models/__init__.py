@@ -2,22 +2,44 @@
 every checkpoint carries, so prediction needs no architecture flags."""
 from models.vnet import VNet
 
+# Keys a record may lack because it was written before they existed; the defaults are what
+# those checkpoints were trained with.
+ARCH_DEFAULTS = {"attention_module": False, "reduction": 4, "attention_dilation": 4}
+ARCH_KEYS = ("in_channels", "out_channels", "num_layers", "dilation", "base_channels", *ARCH_DEFAULTS)
+
 
 def build_model(arch: dict):
     """`arch`: {"name": "vnet", "in_channels", "out_channels", "num_layers", "dilation",
-    "base_channels"}, as written by `model_arch`."""
+    "base_channels", "attention_module", "reduction", "attention_dilation"}, as written by
+    `model_arch`; the last three may be missing (older checkpoints: no attention)."""
     if arch.get("name") != "vnet":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
-    kwargs = {k: arch[k] for k in ("in_channels", "out_channels", "num_layers", "dilation", "base_channels")}
-    return VNet(**kwargs)
+    full = {**ARCH_DEFAULTS, **arch}
+    return VNet(**{k: full[k] for k in ARCH_KEYS})
 
 
 def model_arch(model: VNet) -> dict:
     return {"name": "vnet", **model.arch}
 
 
+def describe(arch: dict) -> str:
+    """One-line name of an architecture record, e.g. `V-Net`, `V-Net (num_layers=2)`,
+    `V-Net (attention r=4 d=3)`; settings at their reference value are left out."""
+    full = {**ARCH_DEFAULTS, **arch}
+    parts = []
+    if full.get("num_layers", 1) != 1:
+        parts.append(f"num_layers={full['num_layers']}")
+    if full.get("dilation", 1) != 1:
+        parts.append(f"dilation={full['dilation']}")
+    if full.get("base_channels", 8) != 8:
+        parts.append(f"base_channels={full['base_channels']}")
+    if full["attention_module"]:
+        parts.append(f"attention r={full['reduction']} d={full['attention_dilation']}")
+    return "V-Net" + (f" ({', '.join(parts)})" if parts else "")
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["VNet", "build_model", "model_arch", "count_parameters"]
+__all__ = ["VNet", "build_model", "model_arch", "describe", "count_parameters"]

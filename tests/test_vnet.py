@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from models import VNet, build_model, count_parameters, model_arch
+from models import VNet, build_model, count_parameters, describe, model_arch
+from models.attention import BottleneckAttention3d
+from test_attention import bam_parameters
 
 REFERENCE = {1: 10_759_306, 2: 16_200_266}  # the reference write-up's table (10.75 M, 16.2 M)
 
@@ -42,3 +44,56 @@ def test_build_model_round_trips_the_architecture_record():
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="num_layers"):
         VNet(num_layers=0)
+
+
+def test_attention_vnet_runs_forward_and_backward_on_non_cubic_input():
+    torch.manual_seed(0)
+    model = VNet(base_channels=4, attention_module=True, reduction=4, attention_dilation=3)
+    x = torch.randn(1, 1, 32, 48, 64)
+    y = model(x)
+    assert y.shape == (1, 1, 32, 48, 64)
+    y.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert sum(isinstance(m, BottleneckAttention3d) for m in model.modules()) == 5
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_attention_adds_one_hand_counted_module_per_encoder_width(num_layers):
+    plain = count_parameters(VNet(num_layers=num_layers))
+    gated = count_parameters(VNet(num_layers=num_layers, attention_module=True, attention_dilation=3))
+    assert gated - plain == sum(bam_parameters(c, 4) for c in (8, 16, 32, 64, 128)) == 90_587
+    assert gated == {1: 10_849_652, 2: 16_290_612}[num_layers]  # the docstring's figures
+
+
+def test_without_attention_the_weights_and_their_initialisation_are_unchanged():
+    torch.manual_seed(0)
+    plain = VNet(base_channels=2)
+    torch.manual_seed(0)
+    gated = VNet(base_channels=2, attention_module=True)
+    plain_state, gated_state = plain.state_dict(), gated.state_dict()
+    assert not any("gate" in k for k in plain_state)
+    for k, v in plain_state.items():
+        assert torch.equal(v, gated_state[k]), k
+
+
+def test_build_model_round_trips_the_attention_variant():
+    model = VNet(base_channels=4, attention_module=True, reduction=2, attention_dilation=3)
+    rebuilt = build_model(model_arch(model))
+    assert model_arch(rebuilt) == model_arch(model)
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_build_model_reads_records_written_before_attention_existed():
+    model = VNet(base_channels=2, dilation=2)
+    old = {k: v for k, v in model_arch(model).items() if k not in ("attention_module", "reduction", "attention_dilation")}
+    rebuilt = build_model(old)
+    assert model_arch(rebuilt) == model_arch(model) and not rebuilt.arch["attention_module"]
+    rebuilt.load_state_dict(model.state_dict())
+
+
+def test_describe_names_the_variant():
+    assert describe(model_arch(VNet(base_channels=2))) == "V-Net (base_channels=2)"
+    assert describe({"name": "vnet", "num_layers": 1, "dilation": 1, "base_channels": 8}) == "V-Net"
+    assert describe(model_arch(VNet(num_layers=2, base_channels=8))) == "V-Net (num_layers=2)"
+    gated = VNet(base_channels=8, attention_module=True, attention_dilation=3)
+    assert describe(model_arch(gated)) == "V-Net (attention r=4 d=3)"

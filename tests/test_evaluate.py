@@ -1,32 +1,68 @@
 import csv
+import math
 
 import numpy as np
+import pytest
 
 import dataset as ds
 from conftest import assert_one_line_error, run_script
+from evaluate import PLOT_TAG, format_table, png_software
+from metrics import METRIC_KEYS
 
 
 def write_predictions(data, out, drop=()):
-    """Predictions = the labels themselves, one voxel removed, except the `drop`ped cases."""
+    """Predictions = the labels themselves with their first atrium voxel (a surface voxel)
+    removed, except the `drop`ped cases."""
     for case in ds.find_cases(data, require_labels=True):
         if case.case_id in drop:
             continue
         label, props = ds.read_image(case.label)
         pred = (label > 0).astype(np.uint8)
-        lo, _ = ds.bounding_box(pred)
-        pred[tuple(lo)] = 0 if pred[tuple(lo)] else pred[tuple(lo)]
+        pred[tuple(np.argwhere(pred)[0])] = 0
         ds.write_image(pred, props, out / f"{case.case_id}.nrrd")
 
 
-def test_evaluate_scores_every_case_and_writes_csv(tiny_data, tmp_path):
-    write_predictions(tiny_data, tmp_path)
-    proc = run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv")
+@pytest.fixture(scope="module")
+def predictions(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predictions")
+    write_predictions(tiny_data, out)
+    return out
+
+
+def read_rows(path):
+    return {r["case_id"]: r for r in csv.DictReader(open(path))}
+
+
+def test_evaluate_scores_every_case_and_writes_csv_and_box_plot(tiny_data, predictions, tmp_path):
+    proc = run_script("evaluate.py", "--pred_dir", predictions, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv")
     assert proc.returncode == 0, proc.stderr
-    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
-    assert [r["case_id"] for r in rows] == ["case_000", "case_001", "case_002", "case_003"]
-    for r in rows:
-        assert float(r["precision"]) == 1.0 and 0.99 < float(r["dice"]) <= 1.0
-    assert "mean +- std" in proc.stdout
+    rows = read_rows(tmp_path / "s.csv")
+    spacing = ds.read_image(ds.find_cases(tiny_data, require_labels=True)[0].label)[1]["spacing"]
+    assert list(rows) == ["case_000", "case_001", "case_002", "case_003"]
+    assert list(rows["case_000"]) == ["case_id", *METRIC_KEYS]
+    for r in rows.values():
+        assert float(r["precision"]) == 1.0 and 0.99 < float(r["dice"]) < 1.0
+        # One surface voxel removed: every surface voxel is within one voxel step of the other
+        # surface, and most are on both.
+        assert 0 < float(r["hd"]) <= max(spacing) + 1e-9 and float(r["hd95"]) == 0.0
+        assert 0 < float(r["assd"]) < 0.05 * max(spacing)
+    assert "mean +- std" in proc.stdout and "hd95" in proc.stdout and "in mm" in proc.stdout
+    assert png_software(tmp_path / "s.png") == PLOT_TAG  # default: beside the CSV
+
+
+def test_evaluate_replaces_its_own_outputs_but_not_other_files(tiny_data, predictions, tmp_path):
+    args = ("--pred_dir", predictions, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv", "--plot", tmp_path / "b.png")
+    assert run_script("evaluate.py", *args).returncode == 0
+    assert run_script("evaluate.py", *args).returncode == 0  # a rerun replaces what it wrote
+    (tmp_path / "s.csv").write_text("someone's notes\n")
+    assert_one_line_error(run_script("evaluate.py", *args), "--csv", "s.csv", "--overwrite")
+    assert (tmp_path / "s.csv").read_text() == "someone's notes\n"
+    (tmp_path / "s.csv").unlink()
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
+    assert_one_line_error(run_script("evaluate.py", *args), "--plot", "b.png", "--overwrite")
+    assert not (tmp_path / "s.csv").exists()  # refused before anything was written
+    assert run_script("evaluate.py", *args, "--overwrite").returncode == 0
+    assert png_software(tmp_path / "b.png") == PLOT_TAG
 
 
 def test_evaluate_lists_missing_predictions_or_scores_them_empty(tiny_data, tmp_path):
@@ -35,8 +71,14 @@ def test_evaluate_lists_missing_predictions_or_scores_them_empty(tiny_data, tmp_
                           "case_002", "--missing_as_empty")
     proc = run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data, "--missing_as_empty")
     assert proc.returncode == 0, proc.stderr
-    rows = {r["case_id"]: r for r in csv.DictReader(open(tmp_path / "evaluation.csv"))}
-    assert float(rows["case_002"]["dice"]) == 0.0
+    assert "scored as empty (no prediction): case_002" in proc.stdout
+    rows = read_rows(tmp_path / "evaluation.csv")
+    assert png_software(tmp_path / "evaluation.png") == PLOT_TAG
+    label, props = ds.read_image(ds.find_cases(tiny_data, require_labels=True)[2].label)
+    diagonal = math.dist((0, 0, 0), np.multiply(label.shape, props["spacing"]))
+    assert float(rows["case_002"]["dice"]) == 0.0 and float(rows["case_002"]["recall"]) == 0.0
+    for k in ("hd", "hd95", "assd"):
+        assert float(rows["case_002"][k]) == pytest.approx(diagonal)
 
 
 def test_evaluate_refuses_a_prediction_on_another_grid(tiny_data, tmp_path):
@@ -45,3 +87,45 @@ def test_evaluate_refuses_a_prediction_on_another_grid(tiny_data, tmp_path):
     ds.write_image(mask, {**props, "origin": (0.0, 0.0, 0.0)}, tmp_path / "case_001.nrrd")
     assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data), "case_001.nrrd")
     assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path / "nope", "--data_dir", tiny_data), "--pred_dir")
+
+
+def test_evaluate_refuses_non_binary_or_corrupt_predictions(tiny_data, tmp_path):
+    write_predictions(tiny_data, tmp_path)
+    mask, props = ds.read_image(tmp_path / "case_003.nrrd")
+    ds.write_image(mask * np.uint8(2), props, tmp_path / "case_003.nrrd")
+    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data),
+                          "case_003.nrrd", "not a binary mask", "values 2")
+    (tmp_path / "case_003.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
+    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data), "case_003.nrrd")
+
+
+def test_evaluate_accepts_0_255_predictions(tiny_data, tmp_path):
+    write_predictions(tiny_data, tmp_path)
+    for case in ds.find_cases(tiny_data, require_labels=True):
+        mask, props = ds.read_image(tmp_path / f"{case.case_id}.nrrd")
+        ds.write_image(mask * np.uint8(255), props, tmp_path / f"{case.case_id}.nrrd")
+    proc = run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data)
+    assert proc.returncode == 0, proc.stderr
+    assert all(0.99 < float(r["dice"]) < 1 for r in read_rows(tmp_path / "evaluation.csv").values())
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (("--plot", "{tmp}/box.pdf"), ("--plot", "box.pdf", ".png")),
+    (("--csv", "{tmp}"), ("--csv", "is a folder")),
+    (("--csv", "{tmp}/s.png", "--plot", "{tmp}/s.png"), ("--plot", "same file")),
+])
+def test_evaluate_rejects_bad_output_flags(tiny_data, predictions, tmp_path, flags, fragments):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert_one_line_error(run_script("evaluate.py", "--pred_dir", predictions, "--data_dir", tiny_data, *flags),
+                          *fragments)
+
+
+def test_format_table_prints_ratios_and_distances_with_their_units():
+    rows = [{"case_id": "a", "dice": 0.5, "hd": 10.0}, {"case_id": "bb", "dice": 0.7, "hd": 30.0}]
+    assert format_table(rows, ("dice", "hd")).splitlines() == [
+        "case                 dice            hd",
+        "a                  0.5000         10.00",
+        "bb                 0.7000         30.00",
+        "mean +- std  0.600+-0.100  20.00+-10.00",
+        "(hd in mm, between surface voxels)",
+    ]

@@ -152,7 +152,8 @@ def main(argv=None):
     results = []
     for name, shift, scale, roughness, island in PAIRS:
         pred, target = make_pair(shape, shift, scale, roughness, island, rng)
-        pred_t, target_t = torch.from_numpy(pred.astype(bool))[None, None], torch.from_numpy(target.astype(bool))[None, None]
+        pred_t = torch.from_numpy(pred.astype(bool))[None, None]  # (B, C, D, H, W), B = C = 1
+        target_t = torch.from_numpy(target.astype(bool))[None, None]
         times = {k: [] for k in ("ours", *monai_fns)}
         for _ in range(args.repeats):
             t, ours = timed(compute_metrics, pred, target, spacing=spacing)

@@ -21,17 +21,18 @@ from scipy import ndimage
 REDUCTIONS = ("mean", "sum", "none")
 
 # Weight of the foreground class in the focal loss. 0.5 weighs both classes alike: the
-# segmenter's crops hold the atrium at a sizeable fraction of their voxels (the write-up's
-# cropping "levels this imbalance"), and gamma already mutes the easy background. RetinaNet's
-# 0.25 was tuned for about one positive in a thousand anchors and would down-weight the atrium
-# here; 0.75 or more suits uncropped volumes. `--focal_alpha` sets it.
+# segmenter's crops are cut around the atrium, which the write-up says "levels this
+# imbalance", and gamma already mutes the many easy background voxels. RetinaNet's 0.25 was
+# tuned for about one positive in a thousand anchors and would down-weight the atrium, the
+# class we care about. `--focal_alpha` sets it.
 FOCAL_ALPHA = 0.5
 FOCAL_GAMMA = 2.0
 
 # The hybrid loss's Dice weight never drops below this: past 0.5 the boundary term takes
 # precedence, as the write-up asks, and a remaining tenth of Dice keeps the overlap term that
 # stops training from sticking when the prediction is empty or misses (the write-up's reason
-# for the hybrid). Kervadec et al.'s own schedule stops at the same 0.1.
+# for the hybrid). Kervadec et al.'s published schedule likewise keeps the weight of the
+# regional loss at 0.1 or more.
 BOUNDARY_FLOOR = 0.1
 
 

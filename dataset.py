@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from losses import signed_distance_map
 from utils import UserError, atomic_write
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
@@ -381,20 +382,32 @@ class EpochSampler:
         return self.plan[j], np.random.default_rng([self.seed, self.epoch, j, 1])
 
 
+def training_item(image: np.ndarray, label: np.ndarray, distance_spacing=None) -> tuple:
+    """Tensors of one training sample: image (1, D, H, W) float32, label (1, D, H, W) {0, 1}
+    float32, and, when `distance_spacing` (mm, array order) is given, the label's signed
+    distance map (1, D, H, W) for the boundary losses, computed here in the data pipeline (a
+    data-loader worker) from the augmented label rather than in the training step."""
+    item = (torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32)))
+    if distance_spacing is not None:
+        item += (torch.from_numpy(signed_distance_map(label, distance_spacing)[None]),)
+    return item
+
+
 class LocatorSet(torch.utils.data.Dataset):
     """Downscaled, padded training volumes for the locator, held in memory (they are small:
-    48x160x160 per LASC case). Items: image (1, d, h, w) float32, label (1, d, h, w) {0, 1}."""
+    48x160x160 per LASC case). Items as `training_item`."""
 
-    def __init__(self, volumes: list[tuple[np.ndarray, np.ndarray]], sampler: EpochSampler, augment):
+    def __init__(self, volumes: list[tuple[np.ndarray, np.ndarray]], sampler: EpochSampler, augment,
+                 distance_spacing=None):
         self.volumes, self.sampler, self.augment = volumes, sampler, augment
+        self.distance_spacing = distance_spacing
 
     def __len__(self):
         return self.sampler.samples
 
     def __getitem__(self, j):
         i, rng = self.sampler.draw(j)
-        image, label = self.augment(*self.volumes[i], rng)
-        return torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32))
+        return training_item(*self.augment(*self.volumes[i], rng), self.distance_spacing)
 
 
 class SegmenterSet(torch.utils.data.Dataset):
@@ -402,9 +415,11 @@ class SegmenterSet(torch.utils.data.Dataset):
     them (what prediction will see), half on the ground truth's box; augmentation then moves
     them further. `load(i)` returns `(image, fill, label)` of case i."""
 
-    def __init__(self, load, centres: list, gt_centres: list, patch_size, sampler: EpochSampler, augment):
+    def __init__(self, load, centres: list, gt_centres: list, patch_size, sampler: EpochSampler, augment,
+                 distance_spacing=None):
         self.load, self.centres, self.gt_centres = load, centres, gt_centres
         self.patch_size, self.sampler, self.augment = tuple(patch_size), sampler, augment
+        self.distance_spacing = distance_spacing
 
     def __len__(self):
         return self.sampler.samples
@@ -415,4 +430,4 @@ class SegmenterSet(torch.utils.data.Dataset):
         centre = self.centres[i] if (self.centres[i] is not None and rng.random() < 0.5) else self.gt_centres[i]
         start = crop_start(centre, self.patch_size, image.shape)
         image, label = self.augment(crop(image, start, self.patch_size, fill), crop(label, start, self.patch_size, 0), rng)
-        return torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32))
+        return training_item(image, label, self.distance_spacing)

@@ -30,11 +30,11 @@ from tqdm import tqdm
 import dataset as ds
 import predict
 from augment import Augmenter
-from losses import LOSSES
+from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, LOSS_NAMES, BoundarySchedule, SegmentationLoss
 from metrics import dice
-from models import VNet, count_parameters, model_arch
-from utils import (ArgParser, UserError, load_checkpoint, memory_format, resolve_device, run_cli, save_checkpoint,
-                   seed_everything, set_cpu_threads, write_json)
+from models import VNet, count_parameters, describe, model_arch
+from utils import (ArgParser, UserError, load_checkpoint, memory_format, parse_bool, resolve_device, run_cli,
+                   save_checkpoint, seed_everything, set_cpu_threads, write_json)
 
 
 def parse_args(argv=None):
@@ -53,14 +53,21 @@ def parse_args(argv=None):
                    help="raise the learning rate linearly from 0 over this many epochs (0: off)")
     g.add_argument("--save_after_epochs", type=int, default=50, help="also keep a checkpoint every N epochs")
     g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a stage already trained in RUN")
-    m = p.add_argument_group("model")
+    g.add_argument("--dry_run", action="store_true", help="build the stage's models, print their sizes and exit (no data)")
+    m = p.add_argument_group("segmenter model (the locator is the plain V-Net)")
     m.add_argument("--num_layers", type=int, default=1, help="V-Net convolutions per stage (2: the 16.2 M model)")
-    m.add_argument("--dilation", type=int, default=1, help="dilation of the segmenter encoder's 5x5x5 convolutions")
-    m.add_argument("--base_channels", type=int, default=8, help="V-Net input-stage width (8: reference; less for CPU demos)")
+    m.add_argument("--dilation", type=int, default=1, help="dilation of the encoder's 5x5x5 convolutions")
+    m.add_argument("--attention_module", type=parse_bool, nargs="?", const=True, default=False,
+                   help="3D bottleneck attention after the input and encoder stages (also: --attention_module True/False)")
+    m.add_argument("--no-attention_module", dest="attention_module", action="store_false", help="plain V-Net")
+    m.add_argument("--reduction", type=int, default=4, help="attention channel-gate reduction")
+    m.add_argument("--attention_dilation", type=int, default=4, help="dilation of the attention spatial gate")
+    m.add_argument("--base_channels", type=int, default=8,
+                   help="V-Net input-stage width of both stages (8: reference; less for CPU demos)")
     s = p.add_argument_group("segmenter")
     s.add_argument("--batch_size", type=int, default=3)
     s.add_argument("--learning_rate", type=float, default=3e-4)
-    s.add_argument("--loss_criterion", choices=sorted(LOSSES), default="Dice")
+    s.add_argument("--loss_criterion", choices=LOSS_NAMES, default="Dice")
     s.add_argument("--patience", type=int, default=7, help="ReduceLROnPlateau patience (epochs)")
     s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
     s.add_argument("--max_epochs", type=int, default=200)
@@ -71,12 +78,23 @@ def parse_args(argv=None):
     loc = p.add_argument_group("locator")
     loc.add_argument("--locator_batch_size", type=int, default=5)
     loc.add_argument("--locator_learning_rate", type=float, default=1e-4)
+    loc.add_argument("--locator_loss_criterion", choices=LOSS_NAMES, default="Dice")
     loc.add_argument("--locator_patience", type=int, default=15)
     loc.add_argument("--locator_reduce", type=float, default=0.85)
     loc.add_argument("--locator_max_epochs", type=int, default=None, help="default: --max_epochs")
     loc.add_argument("--locator_samples_per_epoch", type=int, default=None, help="default: 6 per training case")
     loc.add_argument("--scale_factor", type=float, nargs=3, metavar=("D", "H", "W"), default=(0.5, 0.25, 0.25),
                      help="locator downscaling, each 1/k for a whole k")
+    lo = p.add_argument_group("losses (both stages)")
+    lo.add_argument("--squared_dice", action="store_true", help="Dice with sum(p^2) + sum(g^2) below (the V-Net paper's form)")
+    lo.add_argument("--focal_alpha", type=float, default=FOCAL_ALPHA, help="Focal: weight of the atrium class")
+    lo.add_argument("--focal_gamma", type=float, default=FOCAL_GAMMA, help="Focal: focusing exponent")
+    lo.add_argument("--boundary_schedule", choices=BoundarySchedule.MODES, default="epoch",
+                    help="Hybrid: lower the Dice weight every epoch, or only once validation Dice passes a threshold")
+    lo.add_argument("--boundary_step", type=float, default=0.01, help="Hybrid: Dice weight lowered per epoch")
+    lo.add_argument("--boundary_floor", type=float, default=BOUNDARY_FLOOR, help="Hybrid: lowest Dice weight")
+    lo.add_argument("--boundary_start_dice", type=float, default=0.8,
+                    help="Hybrid with --boundary_schedule dice: validation Dice that starts the schedule")
     return p.parse_args(argv)
 
 
@@ -84,18 +102,21 @@ def check_args(args) -> None:
     """Impossible values are refused up front, naming the flag."""
     positive = ["max_epochs", "batch_size", "locator_batch_size", "learning_rate", "locator_learning_rate",
                 "num_layers", "dilation", "base_channels", "save_after_epochs", "samples_per_epoch",
-                "locator_samples_per_epoch", "locator_max_epochs"]
+                "locator_samples_per_epoch", "locator_max_epochs", "reduction", "attention_dilation"]
     for name in positive:
         v = getattr(args, name)
         if v is not None and not v > 0:
             raise UserError(f"--{name} {v}: must be greater than 0")
-    for name in ("patience", "locator_patience", "num_workers", "seed", "warmup_epochs"):
+    for name in ("patience", "locator_patience", "num_workers", "seed", "warmup_epochs", "focal_gamma"):
         v = getattr(args, name)
         if v is not None and v < 0:
             raise UserError(f"--{name} {v}: must be 0 or more")
     for name in ("reduce", "locator_reduce"):
         if not 0 < getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must lie strictly between 0 and 1")
+    for name in ("focal_alpha", "boundary_step", "boundary_floor", "boundary_start_dice"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must lie in [0, 1]")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val_fraction {args.val_fraction}: must lie in [0, 1)")
     if min(args.padding) < 0:
@@ -115,6 +136,15 @@ def stage_settings(args, name: str, n_train: int) -> SimpleNamespace:
                            reduce=args.reduce, max_epochs=args.max_epochs, samples=args.samples_per_epoch or 6 * n_train)
 
 
+def stage_model(args, name: str) -> VNet:
+    """The locator is the reference's plain V-Net; the model flags shape the segmenter."""
+    if name == "locator":
+        return VNet(base_channels=args.base_channels)
+    return VNet(num_layers=args.num_layers, dilation=args.dilation, base_channels=args.base_channels,
+                attention_module=args.attention_module, reduction=args.reduction,
+                attention_dilation=args.attention_dilation)
+
+
 def survey(cases: list[ds.Case]) -> list[dict]:
     """Read every case once: validate it and record shape, spacing and the atrium's box."""
     records = []
@@ -127,7 +157,8 @@ def survey(cases: list[ds.Case]) -> list[dict]:
 
 def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device) -> Path:
     """The training loop shared by both stages; returns the path of the best checkpoint."""
-    loss_fn = LOSSES[config.get("loss", "Dice")]
+    criterion = SegmentationLoss(config["loss"], args.focal_alpha, args.focal_gamma, args.squared_dice)
+    schedule = BoundarySchedule(args.boundary_schedule, args.boundary_step, args.boundary_floor, args.boundary_start_dice)
     fmt = memory_format(device)
     model.to(device, memory_format=fmt)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=False,
@@ -143,21 +174,24 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
     stage_dir.mkdir(parents=True, exist_ok=True)
     log_path = stage_dir / "log.csv"
     with open(log_path, "w", newline="") as f:
-        csv.writer(f).writerow(["epoch", "train_loss", "val_dice", "learning_rate", "seconds"])
-    print(f"{name}: {count_parameters(model):,} parameters, {settings.max_epochs} epochs of {settings.samples} samples")
+        csv.writer(f).writerow(["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"])
+    print(f"{name} {describe(config['arch'])}: parameters: {count_parameters(model):,}; "
+          f"{config['loss']} loss, {settings.max_epochs} epochs of {settings.samples} samples")
     best = -math.inf
     for epoch in range(1, settings.max_epochs + 1):
         t0 = time.time()
         train_set.sampler.set_epoch(epoch)
         model.train()
         losses = []
-        for image, label in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
-                                 disable=not sys.stderr.isatty()):
+        weight = schedule.weight
+        for image, label, *distance in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
+                                            disable=not sys.stderr.isatty()):
             image = image.to(device, non_blocking=True, memory_format=fmt)
             label = label.to(device, non_blocking=True)
+            distance = distance[0].to(device, non_blocking=True) if distance else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(image)
-            loss = loss_fn(logits.float(), label)
+            loss = criterion(logits.float(), label, distance, weight)
             if not torch.isfinite(loss):
                 raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last good "
                                 f"checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
@@ -173,7 +207,9 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
         val_dice = validate(model)
         score = val_dice if val_dice is not None else 1 - train_loss
         sched.step(score)
-        state = {"epoch": epoch, "best_dice": max(best, score), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        schedule.step(score)
+        state = {"epoch": epoch, "best_dice": max(best, score), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "boundary_schedule": schedule.state_dict()}
         save_checkpoint(stage_dir / "latest.pt", model, config, **state)
         if score > best:
             best = score
@@ -181,10 +217,10 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
         if epoch % args.save_after_epochs == 0:
             save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
         row = [epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
-               f"{opt.param_groups[0]['lr']:.3g}", f"{time.time() - t0:.1f}"]
+               f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"]
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerow(row)
-        print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {row[2] or '-'}  ({row[4]} s)", flush=True)
+        print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {row[2] or '-'}  ({row[-1]} s)", flush=True)
     return stage_dir / "best.pt"
 
 
@@ -200,7 +236,9 @@ def train_locator(args, cases, records, split, spacing, run_dir, device) -> Path
     train_ids, val_ids = split["train"], split["val"]
     st = stage_settings(args, "locator", len(train_ids))
     augment = Augmenter(max_translation=max(1, round(5 / max(factors[1:]))))
-    train_set = ds.LocatorSet([volumes[i] for i in train_ids], ds.EpochSampler(len(train_ids), st.samples, args.seed), augment)
+    low_spacing = tuple(s * k for s, k in zip(spacing, factors))
+    train_set = ds.LocatorSet([volumes[i] for i in train_ids], ds.EpochSampler(len(train_ids), st.samples, args.seed), augment,
+                              low_spacing if SegmentationLoss(args.locator_loss_criterion).needs_distance_map else None)
 
     def validate(model):
         if not val_ids:
@@ -208,9 +246,9 @@ def train_locator(args, cases, records, split, spacing, run_dir, device) -> Path
         model.eval()
         return float(np.mean([dice(predict.infer(model, volumes[i][0], device) >= 0.5, volumes[i][1]) for i in val_ids]))
 
-    model = VNet(num_layers=args.num_layers, base_channels=args.base_channels).to(device)
+    model = stage_model(args, "locator").to(device)
     config = {"role": "locator", "arch": model_arch(model), "factors": list(factors), "scale_factor": list(args.scale_factor),
-              "spacing": list(spacing), "common_shape": list(common), "loss": "Dice"}
+              "spacing": list(spacing), "common_shape": list(common), "loss": args.locator_loss_criterion}
     best = fit("locator", model, train_set, validate, st, args, run_dir, config, device)
 
     # Record where the best locator puts every case, as prediction will (own-shape padding).
@@ -269,7 +307,8 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
     st = stage_settings(args, "segmenter", len(train_ids))
     train_set = ds.SegmenterSet(lambda i: load(train_ids[i]), [centres[i] for i in train_ids],
                                 [gt_centres[i] for i in train_ids], patch,
-                                ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), Augmenter())
+                                ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), Augmenter(),
+                                spacing if SegmentationLoss(args.loss_criterion).needs_distance_map else None)
 
     def validate(model):
         if not val_ids:
@@ -282,7 +321,7 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
             scores.append(dice(predict.segment_at(pipe, image, fill, centre) >= 0.5, label))
         return float(np.mean(scores))
 
-    model = VNet(num_layers=args.num_layers, dilation=args.dilation, base_channels=args.base_channels).to(device)
+    model = stage_model(args, "segmenter").to(device)
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
               "loss": args.loss_criterion, "locator_path": str(locator_path)}
     return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device)
@@ -291,13 +330,18 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    stages = ["locator", "segmenter"] if args.stage == "both" else [args.stage]
+    if args.dry_run:
+        for stage in stages:
+            model = stage_model(args, stage)
+            print(f"{stage} {describe(model_arch(model))}: parameters: {count_parameters(model):,}")
+        return
     seed_everything(args.seed)
     set_cpu_threads()
     device = resolve_device(args.device)
     if args.num_workers is None:
         args.num_workers = 4 if device.type == "cuda" else 0
     run_dir = Path(args.output_dir)
-    stages = ["locator", "segmenter"] if args.stage == "both" else [args.stage]
     for stage in stages:
         if (run_dir / stage / "best.pt").exists() and not args.overwrite:
             raise UserError(f"--output_dir {run_dir}: the {stage} is already trained there ({run_dir / stage / 'best.pt'}); "

@@ -124,6 +124,17 @@ class ArgParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def parse_bool(text: str) -> bool:
+    """argparse type for a boolean flag that may also be spelled with a value, as the
+    reference's `--attention_module False` / `--attention_module True` (a bare string
+    "False" would be truthy)."""
+    value = {"true": True, "1": True, "yes": True, "on": True,
+             "false": False, "0": False, "no": False, "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last 3D runs the V-Net's convolutions about 1.6x faster on CPU (measured:
     3x1x48x64x64 training step, torch 2.13, 2 cores); kept contiguous elsewhere."""

@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,11 +34,11 @@ from augment import Augmenter
 from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, LOSS_NAMES, BoundarySchedule, SegmentationLoss
 from metrics import dice
 from models import VNet, count_parameters, describe, model_arch
-from utils import (ArgParser, UserError, load_checkpoint, memory_format, parse_bool, resolve_device, run_cli,
-                   save_checkpoint, seed_everything, set_cpu_threads, write_json)
+from utils import (ArgParser, UserError, atomic_write, load_checkpoint, memory_format, parse_bool, resolve_device,
+                   rng_state, run_cli, save_checkpoint, seed_everything, set_cpu_threads, set_rng_state, write_json)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, defaults: dict | None = None):
     p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and run")
     g.add_argument("--data_dir", "--root_dir", dest="data_dir", default="data/phantoms", help="dataset folder (LASC or MSD layout)")
@@ -54,6 +55,10 @@ def parse_args(argv=None):
     g.add_argument("--save_after_epochs", type=int, default=50, help="also keep a checkpoint every N epochs")
     g.add_argument("--overwrite", action="store_true", help="replace the checkpoints of a stage already trained in RUN")
     g.add_argument("--dry_run", action="store_true", help="build the stage's models, print their sizes and exit (no data)")
+    g.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its unfinished stage's latest.pt, "
+                   "with the run's own settings, up to --max_epochs epochs in total")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only: bit-reproducible on CPU, as far as PyTorch allows on a GPU")
     m = p.add_argument_group("segmenter model (the locator is the plain V-Net)")
     m.add_argument("--num_layers", type=int, default=1, help="V-Net convolutions per stage (2: the 16.2 M model)")
     m.add_argument("--dilation", type=int, default=1, help="dilation of the encoder's 5x5x5 convolutions")
@@ -95,6 +100,8 @@ def parse_args(argv=None):
     lo.add_argument("--boundary_floor", type=float, default=BOUNDARY_FLOOR, help="Hybrid: lowest Dice weight")
     lo.add_argument("--boundary_start_dice", type=float, default=0.8,
                     help="Hybrid with --boundary_schedule dice: validation Dice that starts the schedule")
+    if defaults:
+        p.set_defaults(**defaults)
     return p.parse_args(argv)
 
 
@@ -155,30 +162,75 @@ def survey(cases: list[ds.Case]) -> list[dict]:
     return records
 
 
-def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device) -> Path:
-    """The training loop shared by both stages; returns the path of the best checkpoint."""
+LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"]
+
+
+def read_log(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))[1:]
+
+
+def write_log(path: Path, rows) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([LOG_COLUMNS, *rows])
+    atomic_write(path, write)
+
+
+def plot_curves(rows, path: Path) -> None:
+    """curves.png: training loss and validation Dice per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r[0]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, [float(r[1]) for r in rows], label="training loss")
+    if any(r[2] for r in rows):
+        ax.plot([e for e, r in zip(epochs, rows) if r[2]], [float(r[2]) for r in rows if r[2]], label="validation Dice")
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device,
+        resume: dict | None = None) -> Path:
+    """The training loop shared by both stages; returns the path of the best checkpoint.
+    `resume` is the stage's latest.pt: training goes on from the epoch after it."""
     criterion = SegmentationLoss(config["loss"], args.focal_alpha, args.focal_gamma, args.squared_dice)
     schedule = BoundarySchedule(args.boundary_schedule, args.boundary_step, args.boundary_floor, args.boundary_start_dice)
     fmt = memory_format(device)
     model.to(device, memory_format=fmt)
     loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=False,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=settings.patience, factor=settings.reduce)
     # Adam's first steps are nearly sign updates; in a V-Net without normalisation they move
     # every 5x5x5 filter coherently and can blow the logits up into an all-background output.
     # A short linear warm-up avoids that (seen at --base_channels 8, lr 3e-4 on the phantoms).
     warmup_steps = round(args.warmup_epochs * len(loader))
-    step = 0
     stage_dir = run_dir / name
     stage_dir.mkdir(parents=True, exist_ok=True)
     log_path = stage_dir / "log.csv"
-    with open(log_path, "w", newline="") as f:
-        csv.writer(f).writerow(["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"])
+    first, best, rows = 1, -math.inf, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        schedule.load_state_dict(resume["boundary_schedule"])
+        set_rng_state(resume["rng"])
+        first, best = resume["epoch"] + 1, resume["best_dice"]
+        rows = [r for r in read_log(log_path) if int(r[0]) < first] if log_path.exists() else []
+        print(f"{name}: resuming after epoch {resume['epoch']} of {settings.max_epochs}")
+    write_log(log_path, rows)
+    step = (first - 1) * len(loader)
     print(f"{name} {describe(config['arch'])}: parameters: {count_parameters(model):,}; "
           f"{config['loss']} loss, {settings.max_epochs} epochs of {settings.samples} samples")
-    best = -math.inf
-    for epoch in range(1, settings.max_epochs + 1):
+    for epoch in range(first, settings.max_epochs + 1):
         t0 = time.time()
         train_set.sampler.set_epoch(epoch)
         model.train()
@@ -189,14 +241,19 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
             image = image.to(device, non_blocking=True, memory_format=fmt)
             label = label.to(device, non_blocking=True)
             distance = distance[0].to(device, non_blocking=True) if distance else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(image)
-            loss = criterion(logits.float(), label, distance, weight)
-            if not torch.isfinite(loss):
-                raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last good "
-                                f"checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(image)
+                loss = criterion(logits.float(), label, distance, weight)
+                if not torch.isfinite(loss):
+                    raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last good "
+                                    f"checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            except torch.OutOfMemoryError:
+                flag = "--locator_batch_size" if name == "locator" else "--batch_size (or --patch_size)"
+                raise UserError(f"{name}: out of {device.type} memory with batches of {tuple(image.shape)}; "
+                                f"lower {flag}") from None
             step += 1
             if step <= warmup_steps:
                 for group in opt.param_groups:
@@ -208,23 +265,24 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
         score = val_dice if val_dice is not None else 1 - train_loss
         sched.step(score)
         schedule.step(score)
-        state = {"epoch": epoch, "best_dice": max(best, score), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "boundary_schedule": schedule.state_dict()}
-        save_checkpoint(stage_dir / "latest.pt", model, config, **state)
-        if score > best:
-            best = score
+        best_before, best = best, max(best, score)
+        state = {"epoch": epoch, "best_dice": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "boundary_schedule": schedule.state_dict(), "rng": rng_state()}
+        rows.append([epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
+                     f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"])
+        write_log(log_path, rows)
+        if score > best_before:
             save_checkpoint(stage_dir / "best.pt", model, config, **state)
         if epoch % args.save_after_epochs == 0:
             save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
-        row = [epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
-               f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"]
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow(row)
-        print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {row[2] or '-'}  ({row[-1]} s)", flush=True)
+        save_checkpoint(stage_dir / "latest.pt", model, config, **state)  # last: it marks the epoch as done
+        plot_curves(rows, stage_dir / "curves.png")
+        print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {rows[-1][2] or '-'}  ({rows[-1][-1]} s)",
+              flush=True)
     return stage_dir / "best.pt"
 
 
-def train_locator(args, cases, records, split, spacing, run_dir, device) -> Path:
+def train_locator(args, cases, records, split, spacing, run_dir, device, resume=None) -> Path:
     factors = ds.downscale_factors(args.scale_factor)
     common = ds.round_up(np.max([r["shape"] for r in records], axis=0), ds.pad_multiple(factors))
     volumes = {}
@@ -249,7 +307,7 @@ def train_locator(args, cases, records, split, spacing, run_dir, device) -> Path
     model = stage_model(args, "locator").to(device)
     config = {"role": "locator", "arch": model_arch(model), "factors": list(factors), "scale_factor": list(args.scale_factor),
               "spacing": list(spacing), "common_shape": list(common), "loss": args.locator_loss_criterion}
-    best = fit("locator", model, train_set, validate, st, args, run_dir, config, device)
+    best = fit("locator", model, train_set, validate, st, args, run_dir, config, device, resume)
 
     # Record where the best locator puts every case, as prediction will (own-shape padding).
     pipe = predict.Pipeline(load_stage_model(best, "locator", device), None, factors, None, spacing, device)
@@ -265,7 +323,7 @@ def load_stage_model(path, role, device):
     return predict.load_model(load_checkpoint(path, role, "--locator_path"), path, device)
 
 
-def train_segmenter(args, cases, records, split, spacing, run_dir, device, locator_path: Path) -> Path:
+def train_segmenter(args, cases, records, split, spacing, run_dir, device, locator_path: Path, resume=None) -> Path:
     loc_ckpt = load_checkpoint(locator_path, "locator", "--locator_path")
     if not np.allclose(loc_ckpt["config"]["spacing"], spacing, rtol=1e-3):
         raise UserError(f"--locator_path {locator_path}: trained at spacing {loc_ckpt['config']['spacing']}, these data "
@@ -324,11 +382,41 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
     model = stage_model(args, "segmenter").to(device)
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
               "loss": args.loss_criterion, "locator_path": str(locator_path)}
-    return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device)
+    return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device, resume)
+
+
+def resume_settings(argv, run_dir: Path):
+    """The settings of the run in `run_dir`, with the flags given now on top (e.g. more epochs)."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.json there; pass a run folder written by train.py")
+    config = json.loads(config_path.read_text())
+    saved = config.get("segmenter") or config.get("locator") or {}
+    saved = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "dry_run")}
+    args = parse_args(argv, defaults=saved)
+    args.output_dir = str(run_dir)
+    return args
+
+
+def resume_point(args, run_dir: Path, stages: list[str]) -> tuple[list[str], dict | None]:
+    """The stages still to train and the latest.pt of the first one, if it has one. A stage
+    after a resumed one is trained anew: it depends on the earlier stage's final weights."""
+    for i, stage in enumerate(stages):
+        latest = run_dir / stage / "latest.pt"
+        if not latest.exists():
+            return stages[i:], None
+        ckpt = load_checkpoint(latest, stage, "--resume")
+        max_epochs = (args.locator_max_epochs or args.max_epochs) if stage == "locator" else args.max_epochs
+        if ckpt["epoch"] < max_epochs:
+            return stages[i:], ckpt
+    raise UserError(f"--resume {run_dir}: every stage has run its epochs already; raise --max_epochs "
+                    "(or --locator_max_epochs) to train longer")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume:
+        args = resume_settings(argv, Path(args.resume))
     check_args(args)
     stages = ["locator", "segmenter"] if args.stage == "both" else [args.stage]
     if args.dry_run:
@@ -339,15 +427,22 @@ def main(argv=None):
     seed_everything(args.seed)
     set_cpu_threads()
     device = resolve_device(args.device)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic
     if args.num_workers is None:
         args.num_workers = 4 if device.type == "cuda" else 0
     run_dir = Path(args.output_dir)
+    resume = None
+    if args.resume:
+        stages, resume = resume_point(args, run_dir, stages)
     for stage in stages:
-        if (run_dir / stage / "best.pt").exists() and not args.overwrite:
+        if (run_dir / stage / "best.pt").exists() and not (args.overwrite or args.resume):
             raise UserError(f"--output_dir {run_dir}: the {stage} is already trained there ({run_dir / stage / 'best.pt'}); "
                             "choose another --output_dir or pass --overwrite")
     locator_path = Path(args.locator_path) if args.locator_path else run_dir / "locator" / "best.pt"
-    if args.stage == "segmenter":
+    if "locator" not in stages:
         load_checkpoint(locator_path, "locator", "--locator_path")  # fail before reading any data
 
     if args.data_dir == "data/phantoms" and not Path(args.data_dir).exists():
@@ -369,13 +464,14 @@ def main(argv=None):
     config_path = run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else {}
     for stage in stages:
-        config[stage] = {k: v for k, v in vars(args).items()}
+        config[stage] = {k: v for k, v in vars(args).items() if k != "resume"}
     write_json(config_path, config)
 
     if "locator" in stages:
-        locator_path = train_locator(args, cases, records, split, spacing, run_dir, device)
+        locator_path = train_locator(args, cases, records, split, spacing, run_dir, device, resume)
+        resume = None
     if "segmenter" in stages:
-        train_segmenter(args, cases, records, split, spacing, run_dir, device, locator_path)
+        train_segmenter(args, cases, records, split, spacing, run_dir, device, locator_path, resume)
 
 
 if __name__ == "__main__":

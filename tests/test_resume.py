@@ -1,0 +1,85 @@
+"""A run that is stopped and resumed ends where an uninterrupted run ends, bit for bit; a bad
+--resume is refused; checkpoints survive a killed writer and refuse pickled code."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, run_script
+
+FLAGS = ["--locator_max_epochs", "1", "--samples_per_epoch", "6", "--locator_samples_per_epoch", "5",
+         "--base_channels", "2", "--padding", "8", "8", "8", "--device", "cpu", "--deterministic", "--num_workers", "2"]
+
+
+def train(*args):
+    proc = run_script("train.py", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def log_rows(run, stage):
+    with open(run / stage / "log.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def weights(run, stage):
+    return torch.load(run / stage / "latest.pt", weights_only=True)["model"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train("--data_dir", tiny_data, "--output_dir", whole, "--max_epochs", "2", *FLAGS)
+    train("--data_dir", tiny_data, "--output_dir", halves, "--max_epochs", "1", *FLAGS)
+    proc = train("--resume", halves, "--max_epochs", "2")
+    assert "segmenter: resuming after epoch 1 of 2" in proc.stdout
+    for stage in ("locator", "segmenter"):
+        assert log_rows(whole, stage) == log_rows(halves, stage)
+        a, b = weights(whole, stage), weights(halves, stage)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    assert len(log_rows(halves, "segmenter")) == 2 and (halves / "segmenter" / "curves.png").stat().st_size > 0
+
+
+def test_resume_refuses_a_finished_or_foreign_folder(tiny_run, tmp_path):
+    assert_one_line_error(run_script("train.py", "--resume", tiny_run, "--max_epochs", "1"), "--resume", "--max_epochs")
+    assert_one_line_error(run_script("train.py", "--resume", tmp_path), "--resume", "config.json")
+
+
+def test_killed_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL in the middle of writing a large checkpoint: the file on disk is still the old one."""
+    path = tmp_path / "latest.pt"
+    code = f"""
+import sys, torch, time
+sys.path.insert(0, {str(ROOT)!r})
+from utils import save_checkpoint
+model = torch.nn.Linear(1, 1)
+save_checkpoint({str(path)!r}, model, {{"role": "segmenter", "arch": {{}}}}, epoch=1)
+print("saved", flush=True)
+big = torch.nn.Linear(4096, 4096 * 8)  # ~0.5 GB to write: long enough to be killed midway
+save_checkpoint({str(path)!r}, big, {{"role": "segmenter", "arch": {{}}}}, epoch=2)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    while not list(tmp_path.glob("*.tmp*")) and proc.poll() is None:
+        pass  # wait until the second write has started
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickled_code_in_a_checkpoint_is_refused_and_never_runs(tiny_run, tiny_data, tmp_path):
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "la-seg-v1", "model": {}, "config": {"role": "segmenter"}, "x": Exploit()}, bad)
+    proc = run_script("predict.py", "--data_dir", tiny_data, "--output_dir", tmp_path / "out", "--device", "cpu",
+                      "--locator_path", tiny_run / "locator" / "best.pt", "--segmenter_path", bad, cwd=tmp_path)
+    assert_one_line_error(proc, "--segmenter_path", "evil.pt")
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()

@@ -1,5 +1,7 @@
-"""On-the-fly augmentation of (image, label) pairs, as in the reference write-up: horizontal
-flip, additive Gaussian noise, small rotation about the depth axis, translation in-plane.
+"""On-the-fly augmentation of (image, label) pairs: the reference write-up's horizontal flip,
+additive Gaussian noise, small rotation about the depth axis and in-plane translation, plus an
+in-plane elastic deformation (off by default, as in the write-up) and intensity scaling; the
+command-line flags that set them; and a PNG grid of augmented samples for a user to look at.
 
 Each transform takes `(image, label, rng)` with an explicit `numpy.random.Generator` and
 returns `(image, label)`: image float32 (D, H, W), label uint8 (D, H, W) in {0, 1}. Image and
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from utils import UserError, atomic_write
 
 
 def flip_w(image, label, rng):
@@ -49,10 +53,83 @@ def translate_hw(image, label, rng, max_voxels: int = 5):
     return shift(image, offset, float(image.min())), shift(label, offset, 0)
 
 
+def scale_intensity(image, label, rng, max_scale: float = 0.1, max_offset: float = 0.0):
+    """Multiply by a factor drawn from [1 - max_scale, 1 + max_scale], then add an offset drawn
+    from [-max_offset, +max_offset]. The image is z-scored, so the factor changes the contrast
+    about the scan's mean (0) and the offset moves the mean, in units of the scan's std."""
+    factor = rng.uniform(1.0 - max_scale, 1.0 + max_scale)
+    offset = rng.uniform(-max_offset, max_offset)
+    return (image * np.float32(factor) + np.float32(offset)).astype(np.float32), label
+
+
+# ----------------------------------------------------------------------------- elastic deformation
+
+def bspline_basis(n: int, grid: int) -> np.ndarray:
+    """(n, grid) float32 matrix whose column j is the cubic B-spline bump of control point j
+    sampled on n voxels, the first and last control points on the first and last voxels.
+
+    `basis @ c` equals `ndimage.zoom(c, n / grid, order=3, mode="nearest", prefilter=False)`;
+    built once per axis it upsamples a control grid axis by axis as matrix products: 0.05 s
+    instead of zoom's 1.6 s for a 4x4x4 grid to 96x144x224 (2 busy cores). Rows sum to 1 and are
+    non-negative, so every upsampled value is a weighted mean of control values.
+    """
+    basis = np.stack([ndimage.zoom(e, n / grid, order=3, mode="nearest", prefilter=False)
+                      for e in np.eye(grid)], axis=1).astype(np.float32)
+    assert basis.shape == (n, grid), f"basis of {grid} control points on {n} voxels has shape {basis.shape}"
+    return basis
+
+
+def elastic_field(shape, rng, magnitude: float, grid: int = 4) -> np.ndarray:
+    """In-plane displacement field (2, D, H, W) float32 in voxels: (dH, dW) at every voxel.
+
+    A coarse grid of `grid` control points per axis (fewer along an axis shorter than that)
+    gets displacements drawn uniformly from [-magnitude, +magnitude] voxels per component; the
+    field is their cubic B-spline blend (a free-form deformation), smooth, and never larger
+    than `magnitude` because each value is a weighted mean of control values. The blend
+    averages neighbours, so the largest displacement in a crop is typically 0.7 x magnitude
+    (measured: mean of the per-crop maximum over 50 draws, 96x144x224, grid 3 to 6).
+    """
+    g = [max(1, min(grid, n)) for n in shape]
+    control = rng.uniform(-magnitude, magnitude, (2, *g)).astype(np.float32)
+    bd, bh, bw = (bspline_basis(n, k) for n, k in zip(shape, g))
+    return np.einsum("di,hj,wk,cijk->cdhw", bd, bh, bw, control, optimize=True)
+
+
+def warp_in_plane(image, label, field):
+    """Resample image (linear) and label (nearest neighbour) at (h + dH, w + dW) in every
+    axial slice; `field` (2, D, H, W) as `elastic_field`. Outside the array both repeat their
+    edge, so the two stay aligned up to the border.
+
+    The displacement has no D component, so each slice is a 2D interpolation: half the
+    neighbours of a 3D linear one, and measured about 2x faster on a 96x144x224 crop."""
+    d, h, w = image.shape
+    hh, ww = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    out_image, out_label = np.empty_like(image), np.empty_like(label)
+    for k in range(d):
+        coords = np.stack([hh + field[0, k], ww + field[1, k]])  # (2, H, W)
+        ndimage.map_coordinates(image[k], coords, output=out_image[k], order=1, mode="nearest")
+        ndimage.map_coordinates(label[k], coords, output=out_label[k], order=0, mode="nearest")
+    return out_image, out_label
+
+
+def elastic_deform(image, label, rng, magnitude: float = 6.0, grid: int = 4):
+    """Smooth random in-plane deformation of up to `magnitude` voxels (see `elastic_field`).
+
+    In-plane only, like the rotation and translation: the through-plane (D) axis is the
+    coarse one in LGE-MRI and in the locator's downscaled grid, and slices stay whole slices.
+    The displacement still varies smoothly along D, so neighbouring slices deform alike."""
+    image, label = warp_in_plane(image, label, elastic_field(image.shape, rng, magnitude, grid))
+    return image, label
+
+
+# ----------------------------------------------------------------------------- the augmenter
+
 @dataclass
 class Augmenter:
-    """Applies each transform with its probability; `max_translation` and `noise_std` are in
-    the voxel and intensity units of the arrays it is given."""
+    """Applies each transform with its probability, in a fixed order: flip, rotation,
+    translation, elastic deformation, intensity scaling, noise. `max_translation` and
+    `elastic_magnitude` are in voxels of the arrays it is given; `noise_std` and
+    `max_offset` in units of the z-scored image."""
     p_flip: float = 0.5
     p_noise: float = 0.3
     noise_std: float = 0.1
@@ -60,6 +137,12 @@ class Augmenter:
     max_degrees: float = 3.0
     p_translate: float = 0.5
     max_translation: int = 5
+    p_elastic: float = 0.0
+    elastic_magnitude: float = 6.0
+    elastic_grid: int = 4
+    p_scale: float = 0.3
+    max_scale: float = 0.1
+    max_offset: float = 0.0
 
     def __call__(self, image, label, rng: np.random.Generator):
         if rng.random() < self.p_flip:
@@ -68,6 +151,114 @@ class Augmenter:
             image, label = rotate_depth(image, label, rng, self.max_degrees)
         if rng.random() < self.p_translate and self.max_translation > 0:
             image, label = translate_hw(image, label, rng, self.max_translation)
+        if rng.random() < self.p_elastic and self.elastic_magnitude > 0:
+            image, label = elastic_deform(image, label, rng, self.elastic_magnitude, self.elastic_grid)
+        if rng.random() < self.p_scale:
+            image, label = scale_intensity(image, label, rng, self.max_scale, self.max_offset)
         if rng.random() < self.p_noise:
             image, label = gaussian_noise(image, label, rng, self.noise_std)
         return image, label
+
+
+def add_augment_args(group) -> None:
+    """Add the augmentation flags to an argparse parser or argument group."""
+    a = Augmenter()
+    group.add_argument("--p_flip", type=float, default=a.p_flip, help="probability of mirroring W (left-right)")
+    group.add_argument("--p_rotate", type=float, default=a.p_rotate, help="probability of an in-plane rotation")
+    group.add_argument("--max_rotation", type=float, default=a.max_degrees,
+                       help="largest rotation about the depth axis, degrees")
+    group.add_argument("--p_translate", type=float, default=a.p_translate, help="probability of an in-plane translation")
+    group.add_argument("--max_translation", type=int, default=a.max_translation,
+                       help="largest translation along H and/or W, full-resolution voxels")
+    group.add_argument("--p_elastic", type=float, default=a.p_elastic,
+                       help="probability of an in-plane elastic deformation (0: off, as in the reference)")
+    group.add_argument("--elastic_magnitude", type=float, default=a.elastic_magnitude,
+                       help="largest elastic displacement of a control point, full-resolution voxels")
+    group.add_argument("--elastic_grid", type=int, default=a.elastic_grid,
+                       help="elastic control points per axis (fewer: smoother, larger-scale deformation)")
+    group.add_argument("--p_scale", type=float, default=a.p_scale, help="probability of an intensity scaling")
+    group.add_argument("--max_scale", type=float, default=a.max_scale,
+                       help="intensity factor drawn from [1 - max_scale, 1 + max_scale]")
+    group.add_argument("--max_offset", type=float, default=a.max_offset,
+                       help="intensity offset drawn from [-max_offset, +max_offset], in z-score units")
+    group.add_argument("--p_noise", type=float, default=a.p_noise, help="probability of additive Gaussian noise")
+    group.add_argument("--noise_std", type=float, default=a.noise_std, help="noise std, in z-score units")
+    group.add_argument("--augmentation_grid", metavar="PATH",
+                       help="write a PNG of augmented training samples (axial slices, label contour) to PATH")
+
+
+def augmenter_from_args(args, voxel_scale: float = 1.0) -> Augmenter:
+    """The `Augmenter` of the flags added by `add_augment_args`, refusing impossible values.
+
+    `voxel_scale` is how many full-resolution voxels one in-plane voxel of the augmented arrays
+    spans (the locator's in-plane downscale factor, 4 by default); the translation and elastic
+    magnitudes, given in full-resolution voxels, are divided by it. A translation that is on
+    stays at least 1 voxel: 5 / 4 -> 1.
+    """
+    for name in ("p_flip", "p_rotate", "p_translate", "p_elastic", "p_scale", "p_noise"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} {getattr(args, name)}: a probability must lie in [0, 1]")
+    for name in ("max_rotation", "max_translation", "elastic_magnitude", "max_offset", "noise_std"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} {getattr(args, name)}: must be 0 or more")
+    if args.elastic_grid < 2:
+        raise UserError(f"--elastic_grid {args.elastic_grid}: must be 2 or more control points per axis")
+    if not 0 <= args.max_scale < 1:
+        raise UserError(f"--max_scale {args.max_scale}: must lie in [0, 1) so that the factor stays positive")
+    assert voxel_scale > 0, f"voxel_scale must be positive, got {voxel_scale}"
+    translation = max(1, round(args.max_translation / voxel_scale)) if args.max_translation > 0 else 0
+    return Augmenter(p_flip=args.p_flip, p_noise=args.p_noise, noise_std=args.noise_std,
+                     p_rotate=args.p_rotate, max_degrees=args.max_rotation,
+                     p_translate=args.p_translate, max_translation=translation,
+                     p_elastic=args.p_elastic, elastic_magnitude=args.elastic_magnitude / voxel_scale,
+                     elastic_grid=args.elastic_grid, p_scale=args.p_scale, max_scale=args.max_scale,
+                     max_offset=args.max_offset)
+
+
+# ----------------------------------------------------------------------------- looking at samples
+
+def grid_slices(label: np.ndarray, num_slices: int) -> list[int]:
+    """`num_slices` axial indices spread evenly inside the label's D extent (the middle one
+    through its centre), or inside the whole volume when the label is empty.
+    Example: label on slices 10..29, 3 slices -> [15, 20, 24]."""
+    present = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
+    lo, hi = (present[0], present[-1]) if present.size else (0, label.shape[0] - 1)
+    return [int(round(lo + (hi - lo) * (k + 1) / (num_slices + 1))) for k in range(num_slices)]
+
+
+def save_augmentation_grid(path, samples, *, num_slices: int = 3, titles=None) -> None:
+    """PNG of augmented samples: one row per sample, `num_slices` axial slices through the
+    label (see `grid_slices`) with the label's contour in red. Written atomically.
+
+    samples: (image, label) pairs, each (D, H, W) or (1, D, H, W), numpy arrays or CPU
+    tensors (a dataset item's first two entries). All rows share one grey window (the 1st
+    to 99th percentile over every sample), so intensity scaling shows between rows.
+    """
+    # Imported here: train.py imports this module and plots only when asked.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = []
+    for image, label in samples:
+        image, label = np.asarray(image, dtype=np.float32), np.asarray(label)
+        image, label = image.reshape(image.shape[-3:]), label.reshape(label.shape[-3:]) > 0.5
+        assert image.shape == label.shape, f"image {image.shape} and label {label.shape} differ"
+        pairs.append((image, label))
+    if not pairs:
+        raise ValueError("save_augmentation_grid: no samples given")
+    vmin, vmax = np.percentile(np.concatenate([i.ravel()[::7] for i, _ in pairs]), (1, 99))
+    h, w = pairs[0][0].shape[1:]
+    fig = Figure(figsize=(2.2 * num_slices, 2.2 * len(pairs) * h / w + 0.3), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(len(pairs), num_slices, squeeze=False))
+    for r, (image, label) in enumerate(pairs):
+        for c, d in enumerate(grid_slices(label, num_slices)):
+            ax = axes[r, c]
+            ax.imshow(image[d], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            if label[d].any() and not label[d].all():
+                ax.contour(label[d], levels=[0.5], colors="tab:red", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"slice {d}", fontsize=8)
+        axes[r, 0].set_ylabel(titles[r] if titles else f"sample {r}", fontsize=8)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -15,12 +15,9 @@ log.csv}; the locator also writes RUN/locator/centres.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,8 +31,9 @@ from augment import Augmenter
 from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, LOSS_NAMES, BoundarySchedule, SegmentationLoss
 from metrics import dice
 from models import VNet, count_parameters, describe, model_arch
-from utils import (ArgParser, UserError, atomic_write, load_checkpoint, memory_format, parse_bool, resolve_device,
-                   rng_state, run_cli, save_checkpoint, seed_everything, set_cpu_threads, set_rng_state, write_json)
+from training import fit, init_distributed, is_main, rank_and_size
+from utils import (ArgParser, UserError, load_checkpoint, parse_bool, resolve_device, run_cli, seed_everything,
+                   set_cpu_threads, write_json)
 
 
 def parse_args(argv=None, defaults: dict | None = None):
@@ -57,6 +55,7 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--dry_run", action="store_true", help="build the stage's models, print their sizes and exit (no data)")
     g.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its unfinished stage's latest.pt, "
                    "with the run's own settings, up to --max_epochs epochs in total")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training (PyTorch 2; GPU)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only: bit-reproducible on CPU, as far as PyTorch allows on a GPU")
     m = p.add_argument_group("segmenter model (the locator is the plain V-Net)")
@@ -162,126 +161,6 @@ def survey(cases: list[ds.Case]) -> list[dict]:
     return records
 
 
-LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"]
-
-
-def read_log(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))[1:]
-
-
-def write_log(path: Path, rows) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS, *rows])
-    atomic_write(path, write)
-
-
-def plot_curves(rows, path: Path) -> None:
-    """curves.png: training loss and validation Dice per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r[0]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, [float(r[1]) for r in rows], label="training loss")
-    if any(r[2] for r in rows):
-        ax.plot([e for e, r in zip(epochs, rows) if r[2]], [float(r[2]) for r in rows if r[2]], label="validation Dice")
-    ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
-def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device,
-        resume: dict | None = None) -> Path:
-    """The training loop shared by both stages; returns the path of the best checkpoint.
-    `resume` is the stage's latest.pt: training goes on from the epoch after it."""
-    criterion = SegmentationLoss(config["loss"], args.focal_alpha, args.focal_gamma, args.squared_dice)
-    schedule = BoundarySchedule(args.boundary_schedule, args.boundary_step, args.boundary_floor, args.boundary_start_dice)
-    fmt = memory_format(device)
-    model.to(device, memory_format=fmt)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=settings.batch_size, shuffle=False,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=settings.patience, factor=settings.reduce)
-    # Adam's first steps are nearly sign updates; in a V-Net without normalisation they move
-    # every 5x5x5 filter coherently and can blow the logits up into an all-background output.
-    # A short linear warm-up avoids that (seen at --base_channels 8, lr 3e-4 on the phantoms).
-    warmup_steps = round(args.warmup_epochs * len(loader))
-    stage_dir = run_dir / name
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    log_path = stage_dir / "log.csv"
-    first, best, rows = 1, -math.inf, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        schedule.load_state_dict(resume["boundary_schedule"])
-        set_rng_state(resume["rng"])
-        first, best = resume["epoch"] + 1, resume["best_dice"]
-        rows = [r for r in read_log(log_path) if int(r[0]) < first] if log_path.exists() else []
-        print(f"{name}: resuming after epoch {resume['epoch']} of {settings.max_epochs}")
-    write_log(log_path, rows)
-    step = (first - 1) * len(loader)
-    print(f"{name} {describe(config['arch'])}: parameters: {count_parameters(model):,}; "
-          f"{config['loss']} loss, {settings.max_epochs} epochs of {settings.samples} samples")
-    for epoch in range(first, settings.max_epochs + 1):
-        t0 = time.time()
-        train_set.sampler.set_epoch(epoch)
-        model.train()
-        losses = []
-        weight = schedule.weight
-        for image, label, *distance in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
-                                            disable=not sys.stderr.isatty()):
-            image = image.to(device, non_blocking=True, memory_format=fmt)
-            label = label.to(device, non_blocking=True)
-            distance = distance[0].to(device, non_blocking=True) if distance else None
-            try:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(image)
-                loss = criterion(logits.float(), label, distance, weight)
-                if not torch.isfinite(loss):
-                    raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last good "
-                                    f"checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            except torch.OutOfMemoryError:
-                flag = "--locator_batch_size" if name == "locator" else "--batch_size (or --patch_size)"
-                raise UserError(f"{name}: out of {device.type} memory with batches of {tuple(image.shape)}; "
-                                f"lower {flag}") from None
-            step += 1
-            if step <= warmup_steps:
-                for group in opt.param_groups:
-                    group["lr"] = settings.lr * step / warmup_steps
-            opt.step()
-            losses.append(loss.item())
-        train_loss = float(np.mean(losses))
-        val_dice = validate(model)
-        score = val_dice if val_dice is not None else 1 - train_loss
-        sched.step(score)
-        schedule.step(score)
-        best_before, best = best, max(best, score)
-        state = {"epoch": epoch, "best_dice": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "boundary_schedule": schedule.state_dict(), "rng": rng_state()}
-        rows.append([epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
-                     f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"])
-        write_log(log_path, rows)
-        if score > best_before:
-            save_checkpoint(stage_dir / "best.pt", model, config, **state)
-        if epoch % args.save_after_epochs == 0:
-            save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
-        save_checkpoint(stage_dir / "latest.pt", model, config, **state)  # last: it marks the epoch as done
-        plot_curves(rows, stage_dir / "curves.png")
-        print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {rows[-1][2] or '-'}  ({rows[-1][-1]} s)",
-              flush=True)
-    return stage_dir / "best.pt"
-
-
 def train_locator(args, cases, records, split, spacing, run_dir, device, resume=None) -> Path:
     factors = ds.downscale_factors(args.scale_factor)
     common = ds.round_up(np.max([r["shape"] for r in records], axis=0), ds.pad_multiple(factors))
@@ -298,11 +177,8 @@ def train_locator(args, cases, records, split, spacing, run_dir, device, resume=
     train_set = ds.LocatorSet([volumes[i] for i in train_ids], ds.EpochSampler(len(train_ids), st.samples, args.seed), augment,
                               low_spacing if SegmentationLoss(args.locator_loss_criterion).needs_distance_map else None)
 
-    def validate(model):
-        if not val_ids:
-            return None
-        model.eval()
-        return float(np.mean([dice(predict.infer(model, volumes[i][0], device) >= 0.5, volumes[i][1]) for i in val_ids]))
+    def validate(model, share):
+        return [dice(predict.infer(model, volumes[i][0], device) >= 0.5, volumes[i][1]) for i in share(val_ids)]
 
     model = stage_model(args, "locator").to(device)
     config = {"role": "locator", "arch": model_arch(model), "factors": list(factors), "scale_factor": list(args.scale_factor),
@@ -315,7 +191,8 @@ def train_locator(args, cases, records, split, spacing, run_dir, device, resume=
     for case in cases:
         image, fill, _ = ds.load_training_case(case, spacing)
         centres[case.case_id] = predict.locate_case(pipe, image, fill)
-    write_json(run_dir / "locator" / "centres.json", centres)
+    if is_main():
+        write_json(run_dir / "locator" / "centres.json", centres)
     return best
 
 
@@ -368,16 +245,13 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
                                 ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), Augmenter(),
                                 spacing if SegmentationLoss(args.loss_criterion).needs_distance_map else None)
 
-    def validate(model):
-        if not val_ids:
-            return None
-        model.eval()
+    def validate(model, share):
         pipe.segmenter, scores = model, []
-        for cid in val_ids:
+        for cid in share(val_ids):
             image, fill, label = load(cid)
             centre = centres[cid] if centres[cid] is not None else tuple((s - 1) / 2 for s in image.shape)
             scores.append(dice(predict.segment_at(pipe, image, fill, centre) >= 0.5, label))
-        return float(np.mean(scores))
+        return scores
 
     model = stage_model(args, "segmenter").to(device)
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
@@ -426,7 +300,10 @@ def main(argv=None):
         return
     seed_everything(args.seed)
     set_cpu_threads()
+    init_distributed(args.device)
     device = resolve_device(args.device)
+    if device.type == "cuda" and rank_and_size()[1] > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
         torch.use_deterministic_algorithms(True)
@@ -445,10 +322,12 @@ def main(argv=None):
     if "locator" not in stages:
         load_checkpoint(locator_path, "locator", "--locator_path")  # fail before reading any data
 
-    if args.data_dir == "data/phantoms" and not Path(args.data_dir).exists():
+    if args.data_dir == "data/phantoms" and not Path(args.data_dir).exists() and is_main():
         import phantoms
         print("no data at data/phantoms: generating the synthetic phantom set there")
         phantoms.write_phantom_dataset("data/phantoms", num_cases=40, shapes=((48, 128, 128), (48, 112, 112)))
+    if rank_and_size()[1] > 1:
+        torch.distributed.barrier()
     cases = ds.find_cases(args.data_dir, require_labels=True)
     ids = [c.case_id for c in cases]
     split_path = Path(args.split) if args.split else run_dir / "split.json"
@@ -460,12 +339,13 @@ def main(argv=None):
     spacing = tuple(float(s) for s in np.median([r["spacing"] for r in records], axis=0))
     print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), spacing {spacing} mm")
 
-    write_json(run_dir / "split.json", split)
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    for stage in stages:
-        config[stage] = {k: v for k, v in vars(args).items() if k != "resume"}
-    write_json(config_path, config)
+    if is_main():
+        write_json(run_dir / "split.json", split)
+        config_path = run_dir / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        for stage in stages:
+            config[stage] = {k: v for k, v in vars(args).items() if k != "resume"}
+        write_json(config_path, config)
 
     if "locator" in stages:
         locator_path = train_locator(args, cases, records, split, spacing, run_dir, device, resume)

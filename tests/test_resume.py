@@ -83,3 +83,20 @@ def test_pickled_code_in_a_checkpoint_is_refused_and_never_runs(tiny_run, tiny_d
                       "--locator_path", tiny_run / "locator" / "best.pt", "--segmenter_path", bad, cwd=tmp_path)
     assert_one_line_error(proc, "--segmenter_path", "evil.pt")
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+def test_torchrun_two_processes_train_in_step_and_write_one_set_of_files(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), "--data_dir", str(tiny_data), "--output_dir", str(run), "--max_epochs", "1",
+           *FLAGS[:-3], "--num_workers", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for stage in ("locator", "segmenter"):
+        assert f"{stage}: all 2 processes hold identical weights" in proc.stdout
+        assert proc.stdout.count(f"{stage} epoch   1:") == 1  # one process reports and writes
+        assert len(log_rows(run, stage)) == 1
+    files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+    assert files == ["config.json", "locator/best.pt", "locator/centres.json", "locator/curves.png", "locator/latest.pt",
+                     "locator/log.csv", "segmenter/best.pt", "segmenter/curves.png", "segmenter/latest.pt",
+                     "segmenter/log.csv", "split.json"]

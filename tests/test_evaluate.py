@@ -6,6 +6,7 @@ import pytest
 
 import dataset as ds
 from conftest import assert_one_line_error, run_script
+import evaluate
 from evaluate import PLOT_TAG, format_table, png_software
 from metrics import METRIC_KEYS
 
@@ -27,6 +28,11 @@ def predictions(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("predictions")
     write_predictions(tiny_data, out)
     return out
+
+
+def evaluate_in_process(*args):
+    """A successful run without a new interpreter (the error paths go through run_script)."""
+    evaluate.main([str(a) for a in args])
 
 
 def read_rows(path):
@@ -52,8 +58,8 @@ def test_evaluate_scores_every_case_and_writes_csv_and_box_plot(tiny_data, predi
 
 def test_evaluate_replaces_its_own_outputs_but_not_other_files(tiny_data, predictions, tmp_path):
     args = ("--pred_dir", predictions, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv", "--plot", tmp_path / "b.png")
-    assert run_script("evaluate.py", *args).returncode == 0
-    assert run_script("evaluate.py", *args).returncode == 0  # a rerun replaces what it wrote
+    evaluate_in_process(*args)
+    evaluate_in_process(*args)  # a rerun replaces what it wrote
     (tmp_path / "s.csv").write_text("someone's notes\n")
     assert_one_line_error(run_script("evaluate.py", *args), "--csv", "s.csv", "--overwrite")
     assert (tmp_path / "s.csv").read_text() == "someone's notes\n"
@@ -61,17 +67,16 @@ def test_evaluate_replaces_its_own_outputs_but_not_other_files(tiny_data, predic
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
     assert_one_line_error(run_script("evaluate.py", *args), "--plot", "b.png", "--overwrite")
     assert not (tmp_path / "s.csv").exists()  # refused before anything was written
-    assert run_script("evaluate.py", *args, "--overwrite").returncode == 0
+    evaluate_in_process(*args, "--overwrite")
     assert png_software(tmp_path / "b.png") == PLOT_TAG
 
 
-def test_evaluate_lists_missing_predictions_or_scores_them_empty(tiny_data, tmp_path):
+def test_evaluate_lists_missing_predictions_or_scores_them_empty(tiny_data, tmp_path, capsys):
     write_predictions(tiny_data, tmp_path, drop=("case_002",))
     assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data),
                           "case_002", "--missing_as_empty")
-    proc = run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data, "--missing_as_empty")
-    assert proc.returncode == 0, proc.stderr
-    assert "scored as empty (no prediction): case_002" in proc.stdout
+    evaluate_in_process("--pred_dir", tmp_path, "--data_dir", tiny_data, "--missing_as_empty")
+    assert "scored as empty (no prediction): case_002" in capsys.readouterr().out
     rows = read_rows(tmp_path / "evaluation.csv")
     assert png_software(tmp_path / "evaluation.png") == PLOT_TAG
     label, props = ds.read_image(ds.find_cases(tiny_data, require_labels=True)[2].label)
@@ -104,8 +109,7 @@ def test_evaluate_accepts_0_255_predictions(tiny_data, tmp_path):
     for case in ds.find_cases(tiny_data, require_labels=True):
         mask, props = ds.read_image(tmp_path / f"{case.case_id}.nrrd")
         ds.write_image(mask * np.uint8(255), props, tmp_path / f"{case.case_id}.nrrd")
-    proc = run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data)
-    assert proc.returncode == 0, proc.stderr
+    evaluate_in_process("--pred_dir", tmp_path, "--data_dir", tiny_data)
     assert all(0.99 < float(r["dice"]) < 1 for r in read_rows(tmp_path / "evaluation.csv").values())
 
 

@@ -154,65 +154,67 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
         print(f"{name} {describe(config['arch'])}: parameters: {count_parameters(model):,}; {config['loss']} loss, "
               f"{settings.max_epochs} epochs of {settings.samples} samples" + (f" over {size} processes" if size > 1 else ""))
     step = (first - 1) * len(loader)
-    for epoch in range(first, settings.max_epochs + 1):
-        t0 = time.time()
-        train_set.sampler.set_epoch(epoch)
-        net.train()
-        losses = []
-        weight = schedule.weight
-        try:
-            for image, label, *distance in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
-                                                disable=rank != 0 or not sys.stderr.isatty()):
-                image = image.to(device, non_blocking=True, memory_format=fmt)
-                label = label.to(device, non_blocking=True)
-                distance = distance[0].to(device, non_blocking=True) if distance else None
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                    logits = net(image)
-                loss = criterion(logits.float(), label, distance, weight)
-                if not torch.isfinite(loss):
-                    raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last "
-                                    f"good checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                step += 1
-                if step <= warmup_steps:
-                    for group in opt.param_groups:
-                        group["lr"] = settings.lr * step / warmup_steps
-                scaler.step(opt)
-                scaler.update()
-                losses.append(loss.item())
-        except torch.OutOfMemoryError:
-            flag = "--locator_batch_size" if name == "locator" else "--batch_size (or --patch_size)"
-            raise UserError(f"{name}: out of {device.type} memory with batches of {settings.batch_size}; "
-                            f"lower {flag}") from None
-        except KeyboardInterrupt:
-            done = f"{stage_dir / 'latest.pt'} holds epoch {epoch - 1}" if epoch > 1 else "no epoch was finished"
-            raise UserError(f"{name} interrupted in epoch {epoch}: {done}; continue with "
-                            f"python train.py --resume {run_dir}") from None
-        loss_sum, loss_count = sum_across(float(np.sum(losses)), len(losses))
-        train_loss = loss_sum / loss_count
-        model.eval()
-        scores = validate(model, lambda ids: ids[rank::size])
-        score_sum, score_count = sum_across(float(np.sum(scores)), len(scores))
-        val_dice = score_sum / score_count if score_count else None
-        score = val_dice if val_dice is not None else 1 - train_loss
-        sched.step(score)
-        schedule.step(score)
-        best_before, best = best, max(best, score)
-        rows.append([epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
-                     f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"])
-        if rank == 0:
-            state = {"epoch": epoch, "best_dice": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "boundary_schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
-            write_log(log_path, rows)
-            if score > best_before:
-                save_checkpoint(stage_dir / "best.pt", model, config, **state)
-            if epoch % args.save_after_epochs == 0:
-                save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
-            save_checkpoint(stage_dir / "latest.pt", model, config, **state)  # last: it marks the epoch as done
-            plot_curves(rows, stage_dir / "curves.png")
-            print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {rows[-1][2] or '-'}  ({rows[-1][-1]} s)",
-                  flush=True)
+    epoch = first
+    try:
+        for epoch in range(first, settings.max_epochs + 1):
+            t0 = time.time()
+            train_set.sampler.set_epoch(epoch)
+            net.train()
+            losses = []
+            weight = schedule.weight
+            try:
+                for image, label, *distance in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
+                                                    disable=rank != 0 or not sys.stderr.isatty()):
+                    image = image.to(device, non_blocking=True, memory_format=fmt)
+                    label = label.to(device, non_blocking=True)
+                    distance = distance[0].to(device, non_blocking=True) if distance else None
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                        logits = net(image)
+                    loss = criterion(logits.float(), label, distance, weight)
+                    if not torch.isfinite(loss):
+                        raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last "
+                                        f"good checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    step += 1
+                    if step <= warmup_steps:
+                        for group in opt.param_groups:
+                            group["lr"] = settings.lr * step / warmup_steps
+                    scaler.step(opt)
+                    scaler.update()
+                    losses.append(loss.item())
+            except torch.OutOfMemoryError:
+                flag = "--locator_batch_size" if name == "locator" else "--batch_size (or --patch_size)"
+                raise UserError(f"{name}: out of {device.type} memory with batches of {settings.batch_size}; "
+                                f"lower {flag}") from None
+            loss_sum, loss_count = sum_across(float(np.sum(losses)), len(losses))
+            train_loss = loss_sum / loss_count
+            model.eval()
+            scores = validate(model, lambda ids: ids[rank::size])
+            score_sum, score_count = sum_across(float(np.sum(scores)), len(scores))
+            val_dice = score_sum / score_count if score_count else None
+            score = val_dice if val_dice is not None else 1 - train_loss
+            sched.step(score)
+            schedule.step(score)
+            best_before, best = best, max(best, score)
+            rows.append([epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
+                         f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"])
+            if rank == 0:
+                state = {"epoch": epoch, "best_dice": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "boundary_schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
+                write_log(log_path, rows)
+                if score > best_before:
+                    save_checkpoint(stage_dir / "best.pt", model, config, **state)
+                if epoch % args.save_after_epochs == 0:
+                    save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
+                save_checkpoint(stage_dir / "latest.pt", model, config, **state)  # last: it marks the epoch as done
+                plot_curves(rows, stage_dir / "curves.png")
+                print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {rows[-1][2] or '-'}  ({rows[-1][-1]} s)",
+                      flush=True)
+    except KeyboardInterrupt:  # latest.pt is the last finished epoch, from which --resume is exact
+        done = f"{stage_dir / 'latest.pt'} holds epoch {epoch - 1}" if epoch > first or first > 1 else "no epoch finished"
+        raise UserError(f"{name} interrupted in epoch {epoch}: {done}; continue with "
+                        f"python train.py --resume {run_dir}") from None
     if size > 1:
         check_in_sync(model, name)
         dist.barrier()  # the best checkpoint exists for every process once rank 0 has written it

@@ -100,3 +100,18 @@ def test_torchrun_two_processes_train_in_step_and_write_one_set_of_files(tiny_da
     assert files == ["config.json", "locator/best.pt", "locator/centres.json", "locator/curves.png", "locator/latest.pt",
                      "locator/log.csv", "segmenter/best.pt", "segmenter/curves.png", "segmenter/latest.pt",
                      "segmenter/log.csv", "split.json"]
+
+
+def test_ctrl_c_stops_with_the_resume_command_and_a_loadable_latest(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(tiny_data), "--output_dir", str(run),
+           "--max_epochs", "200", *FLAGS[:-3]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("segmenter epoch   2:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "interrupted" in err and f"--resume {run}" in err
+    assert torch.load(run / "segmenter" / "latest.pt", weights_only=True)["epoch"] >= 2

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import dataset as ds
 import predict
-from augment import Augmenter
+from augment import add_augment_args, augmenter_from_args, save_augmentation_grid
 from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, LOSS_NAMES, BoundarySchedule, SegmentationLoss
 from metrics import dice
 from models import VNet, count_parameters, describe, model_arch
@@ -99,6 +99,7 @@ def parse_args(argv=None, defaults: dict | None = None):
     lo.add_argument("--boundary_floor", type=float, default=BOUNDARY_FLOOR, help="Hybrid: lowest Dice weight")
     lo.add_argument("--boundary_start_dice", type=float, default=0.8,
                     help="Hybrid with --boundary_schedule dice: validation Dice that starts the schedule")
+    add_augment_args(p.add_argument_group("augmentation (magnitudes in full-resolution voxels)"))
     if defaults:
         p.set_defaults(**defaults)
     return p.parse_args(argv)
@@ -130,6 +131,7 @@ def check_args(args) -> None:
     if args.patch_size and any(p <= 0 or p % 16 for p in args.patch_size):
         raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: each size must be a positive multiple of 16")
     ds.downscale_factors(args.scale_factor)
+    augmenter_from_args(args)
 
 
 def stage_settings(args, name: str, n_train: int) -> SimpleNamespace:
@@ -172,7 +174,7 @@ def train_locator(args, cases, records, split, spacing, run_dir, device, resume=
         volumes[case.case_id] = (low, low_label)
     train_ids, val_ids = split["train"], split["val"]
     st = stage_settings(args, "locator", len(train_ids))
-    augment = Augmenter(max_translation=max(1, round(5 / max(factors[1:]))))
+    augment = augmenter_from_args(args, voxel_scale=max(factors[1:]))
     low_spacing = tuple(s * k for s, k in zip(spacing, factors))
     train_set = ds.LocatorSet([volumes[i] for i in train_ids], ds.EpochSampler(len(train_ids), st.samples, args.seed), augment,
                               low_spacing if SegmentationLoss(args.locator_loss_criterion).needs_distance_map else None)
@@ -242,8 +244,12 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
     st = stage_settings(args, "segmenter", len(train_ids))
     train_set = ds.SegmenterSet(lambda i: load(train_ids[i]), [centres[i] for i in train_ids],
                                 [gt_centres[i] for i in train_ids], patch,
-                                ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), Augmenter(),
+                                ds.EpochSampler(len(train_ids), st.samples, args.seed + 1), augmenter_from_args(args),
                                 spacing if SegmentationLoss(args.loss_criterion).needs_distance_map else None)
+    if args.augmentation_grid and is_main():
+        train_set.sampler.set_epoch(0)
+        save_augmentation_grid(args.augmentation_grid, [train_set[j][:2] for j in range(min(8, len(train_set)))])
+        print(f"augmented training crops: {args.augmentation_grid}")
 
     def validate(model, share):
         pipe.segmenter, scores = model, []

@@ -81,3 +81,11 @@ def test_attention_segmenter_is_rebuilt_by_predict_without_model_flags(tiny_run,
                       "--segmenter_path", tmp_path / "run" / "segmenter" / "best.pt")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(list((tmp_path / "pred").glob("*.nrrd"))) == 4
+
+
+def test_augmentation_flags_reach_training_and_the_grid_is_written(tiny_run, tiny_data, tmp_path):
+    grid = tmp_path / "grid.png"
+    train_segmenter(tiny_run, tiny_data, tmp_path / "run", "--p_elastic", "1", "--elastic_magnitude", "3",
+                    "--p_scale", "1", "--augmentation_grid", grid)
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(run_script("train.py", "--dry_run", "--p_flip", "2"), "--p_flip")

@@ -1,6 +1,7 @@
 """On-the-fly augmentation of (image, label) pairs: the reference write-up's horizontal flip,
 additive Gaussian noise, small rotation about the depth axis and in-plane translation, plus an
-in-plane elastic deformation (off by default, as in the write-up) and intensity scaling; the
+in-plane elastic deformation (off by default, as in the write-up) and intensity scaling (off
+by default: the defaults are the write-up's set); the
 command-line flags that set them; and a PNG grid of augmented samples for a user to look at.
 
 Each transform takes `(image, label, rng)` with an explicit `numpy.random.Generator` and
@@ -140,7 +141,7 @@ class Augmenter:
     p_elastic: float = 0.0
     elastic_magnitude: float = 6.0
     elastic_grid: int = 4
-    p_scale: float = 0.3
+    p_scale: float = 0.0
     max_scale: float = 0.1
     max_offset: float = 0.0
 

@@ -29,17 +29,57 @@ GEOMETRY_TOL = 1e-4  # mm / direction-cosine tolerance when comparing two files'
 # ----------------------------------------------------------------------------- reading / writing
 
 def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
-    """Read a 3D scalar volume. Returns `(array (D, H, W), props)` with
+    """Read a 3D scalar volume: a file SimpleITK reads (nrrd, nii, nii.gz, mha, mhd) or a
+    folder holding one DICOM series. Returns `(array (D, H, W), props)` with
     `props = {"spacing": (sz, sy, sx), "origin": (x, y, z), "direction": 9 floats}`."""
     path = Path(path)
+    if path.is_dir():
+        return _from_sitk(_read_dicom_series(path), path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1][:150] if str(e).strip() else "unreadable"
-        raise UserError(f"{path}: cannot be read as an image ({first}); replace the corrupt file") from None
+        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
     return _from_sitk(img, path)
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """A folder is a DICOM series when it holds `.dcm` files (any case) directly."""
+    return path.is_dir() and any(f.is_file() and f.suffix.lower() == ".dcm" for f in path.iterdir())
+
+
+def _sitk_reason(e: RuntimeError) -> str:
+    return str(e).strip().splitlines()[-1][:150] if str(e).strip() else "unreadable"
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """The one DICOM series in `folder`, slices ordered by GDCM along the slice normal (so
+    spacing, origin and direction come from the slices' positions and orientation)."""
+    if not is_dicom_folder(folder):
+        raise UserError(f"{folder}: a folder but holds no .dcm files; give a scan file or a DICOM series folder")
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warning; our error says it
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as e:
+        raise UserError(f"{folder}: cannot be read as a DICOM series ({_sitk_reason(e)})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    if len(series) != 1:
+        found = "no readable DICOM series" if not series else f"{len(series)} DICOM series"
+        raise UserError(f"{folder}: holds {found}; put exactly one series per folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise UserError(f"{folder}: cannot be read as a DICOM series ({_sitk_reason(e)}); "
+                        "replace the corrupt slices") from None
+    if img.GetDimension() == 2 or (img.GetDimension() == 3 and img.GetSize()[2] == 1):
+        raise UserError(f"{folder}: a DICOM series of one slice; expected a 3D volume (D, H, W)")
+    return img
 
 
 def _from_sitk(img: sitk.Image, path) -> tuple[np.ndarray, dict]:

@@ -154,9 +154,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def slice_centre(mask: np.ndarray, label: np.ndarray | None) -> tuple[int, int, int]:
-    """Voxel through which the overlay's three slices pass: the centre of the prediction's
-    bounding box, else the label's, else the volume's."""
-    for m in (mask, label):
+    """Voxel through which the overlay's three slices pass: the centre of the label's bounding
+    box (the atrium itself, when known), else the prediction's, else the volume's."""
+    for m in (label, mask):
         box = ds.bounding_box(m) if m is not None else None
         if box is not None:
             return tuple(int(c) for c in (box[0] + box[1] - 1) // 2)

@@ -47,6 +47,8 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases held out for validation")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, weights, sampling and augmentation")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    g.add_argument("--cache_cases", type=parse_bool, nargs="?", const=True, default=None,
+                   help="keep the decoded training cases in memory (default: only when the whole set is under 2 GiB)")
     g.add_argument("--num_workers", type=int, default=None, help="data-loader processes (default: 0 on CPU, 4 on CUDA)")
     g.add_argument("--warmup_epochs", type=float, default=1.0,
                    help="raise the learning rate linearly from 0 over this many epochs (0: off)")
@@ -216,7 +218,8 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
     pipe = predict.Pipeline(predict.load_model(loc_ckpt, locator_path, device), None, factors, patch, spacing, device)
     by_id = {c.case_id: c for c in cases}
     total_voxels = sum(int(np.prod(r["shape"])) for r in records)
-    cache = {} if total_voxels * 5 < 2 * 2**30 else None  # small datasets stay in memory
+    small = total_voxels * 5 < 2 * 2**30  # float32 image + uint8 label per voxel
+    cache = {} if (small if args.cache_cases is None else args.cache_cases) else None
 
     def load(cid):
         item = cache.get(cid) if cache is not None else None

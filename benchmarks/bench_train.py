@@ -311,45 +311,24 @@ def time_arms(args, device, amp_dtype) -> list[dict]:
 
 # ----------------------------------------------------------------------------- memory against cases
 
-# train.py keeps every decoded case in memory when the whole set is under 2 GiB and has no flag
-# to turn that off. The "cache off" runs give train.py's module its own `sum`, which reports a
-# set too large to cache when called from train_segmenter (whose only sum() totals the set's
-# voxels) and is the built-in everywhere else. `can_disable_cache` checks that this still holds.
-CACHE_LINE = "cache = {} if total_voxels * 5 < 2 * 2**30 else None"
+# train.py keeps every decoded case in memory when the whole set is under 2 GiB
+# (`--cache_cases` default); the "cache off" runs pass `--cache_cases False`.
 DRIVER = """
-import builtins, sys
+import sys
 sys.path.insert(0, {root!r})
 import train
-def _sum(values, start=0):
-    if sys._getframe(1).f_code.co_name == "train_segmenter":
-        return 1 << 62
-    return builtins.sum(values, start)
-if {no_cache!r}:
-    train.sum = _sum
 if {run!r}:
     train.run_cli(lambda: train.main({argv!r}))
 """
 
 
-def can_disable_cache() -> bool:
-    """True while train_segmenter holds CACHE_LINE and calls sum() exactly once."""
-    import ast
-    source = (ROOT / "train.py").read_text()
-    fn = next((n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "train_segmenter"),
-              None)
-    if fn is None or CACHE_LINE not in (ast.get_source_segment(source, fn) or ""):
-        return False
-    calls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "sum"]
-    return len(calls) == 1
-
-
 def train_command(argv, no_cache=False, run=True) -> list[str]:
-    return [sys.executable, "-c", DRIVER.format(root=str(ROOT), no_cache=no_cache, run=run, argv=argv)]
+    argv = [*argv, "--cache_cases", "False"] if no_cache else argv
+    return [sys.executable, "-c", DRIVER.format(root=str(ROOT), run=run, argv=argv)]
 
 
 def memory_against_cases(args, workdir: Path) -> dict:
     import phantoms
-    can_disable = can_disable_cache()
     data = workdir / "phantoms"
     t0 = time.perf_counter()
     phantoms.write_phantom_dataset(data / "all", num_cases=max(args.cases), shapes=(tuple(args.case_shape),))
@@ -366,7 +345,7 @@ def memory_against_cases(args, workdir: Path) -> dict:
         for case in all_cases[:n]:
             (subset / case.name).symlink_to(case, target_is_directory=True)
         row = {"cases": n}
-        for mode in ("as_is", "no_cache") if can_disable else ("as_is",):
+        for mode in ("as_is", "no_cache"):
             run_dir = workdir / f"run_n{n:03d}_{mode}"
             argv = ["--data_dir", str(subset), "--output_dir", str(run_dir), "--stage", "both", "--device", "cpu",
                     "--num_workers", "0", "--max_epochs", "1", "--locator_max_epochs", "1",
@@ -386,7 +365,7 @@ def memory_against_cases(args, workdir: Path) -> dict:
     factors = ds.downscale_factors((0.5, 0.25, 0.25))  # train.py's default --scale_factor
     common = ds.round_up(args.case_shape, ds.pad_multiple(factors))
     low_voxels = int(np.prod(common)) // int(np.prod(factors))
-    return {"rows": rows, "baseline": baseline, "can_disable": can_disable,
+    return {"rows": rows, "baseline": baseline,
             "cache_per_case": 5 * int(np.prod(args.case_shape)),  # float32 image + uint8 label
             "locator_per_case": 5 * low_voxels, "low_shape": tuple(c // f for c, f in zip(common, factors))}
 
@@ -530,47 +509,37 @@ def cases_lines(args, mem) -> list[str]:
         f"peaks at {mib(mem['baseline'])} MiB.",
         "",
     ]
-    both = mem["can_disable"]
-    if both:
-        lines[-2] += " Seconds per run: as it is, then cache off."
-    lines += ["| cases (train + validation) | peak RSS, train.py as it is (MiB) |"
-              + (" peak RSS, case cache off (MiB) |" if both else "") + " seconds per run |",
-              "| --- | --- |" + (" --- |" if both else "") + " --- |"]
+    lines[-2] += " Seconds per run: as it is, then cache off (`--cache_cases False`)."
+    lines += ["| cases (train + validation) | peak RSS, train.py as it is (MiB) | peak RSS, case cache off (MiB) "
+              "| seconds per run |", "| --- | --- | --- | --- |"]
     for r in rows:
-        seconds = f"{r['as_is_s']:.0f}" + (f", {r['no_cache_s']:.0f}" if both else "")
-        lines.append(f"| {r['cases']} ({r['train']} + {r['cases'] - r['train']}) | {mib(r['as_is'])} |"
-                     + (f" {mib(r['no_cache'])} |" if both else "") + f" {seconds} |")
+        lines.append(f"| {r['cases']} ({r['train']} + {r['cases'] - r['train']}) | {mib(r['as_is'])} | "
+                     f"{mib(r['no_cache'])} | {r['as_is_s']:.0f}, {r['no_cache_s']:.0f} |")
     # Least-squares slope over all the sets: a single run's peak can stray by tens of MiB.
     n = [r["cases"] for r in rows]
-    slope = {k: float(np.polyfit(n, [r[k] for r in rows], 1)[0]) for k in (("as_is", "no_cache") if both else ("as_is",))}
+    slope = {k: float(np.polyfit(n, [r[k] for r in rows], 1)[0]) for k in ("as_is", "no_cache")}
     lines += [
         "",
         f"Peak growth per case (least-squares slope over the {len(rows)} sets): "
-        f"{slope['as_is'] / 2**20:+.2f} MiB as train.py is"
-        + (f", {slope['no_cache'] / 2**20:+.2f} MiB with the case cache off." if both else "."),
+        f"{slope['as_is'] / 2**20:+.2f} MiB as train.py is, {slope['no_cache'] / 2**20:+.2f} MiB with the case "
+        "cache off.",
         f"By design train.py holds, per case: the segmenter's cache of decoded cases, only for sets under 2 GiB "
-        f"(`{CACHE_LINE}`), {mem['cache_per_case'] / 2**20:.2f} MiB per case here (float32 image + uint8 label); "
+        f"(`--cache_cases`, default on under 2 GiB), {mem['cache_per_case'] / 2**20:.2f} MiB per case here (float32 image + uint8 label); "
         f"and the locator's downscaled volumes ({'x'.join(map(str, mem['low_shape']))}), "
         f"{mem['locator_per_case'] / 2**20:.2f} MiB per case here, {5 * 48 * 160 * 160 / 2**20:.1f} MiB per LASC case "
         "(48x160x160).",
     ]
     # Flat: what remains per case is within the locator's downscaled volumes plus a quarter of
     # one full-resolution case (RSS varies by a few MiB from run to run).
-    key = "no_cache" if both else "as_is"
+    key = "no_cache"
     limit = mem["locator_per_case"] + 0.25 * mem["cache_per_case"]
     flat = slope[key] <= limit
-    lines.append(f"{'With the cache off' if both else 'As train.py is'}, memory is "
+    lines.append("With the cache off, memory is "
                  + ("flat: " if flat else "NOT flat: ")
                  + f"{slope[key] / 2**20:+.2f} MiB per case against {limit / 2**20:.2f} MiB allowed (the locator's "
                  "volumes plus a quarter of one cached case)"
-                 + (f"; as train.py is, the growth is {slope['as_is'] / mem['cache_per_case']:.2f} cached cases' "
-                    "worth per case." if both else "."))
-    if both:
-        lines.append("train.py has no flag to turn the cache off; the cache-off runs give train.py's module its own "
-                     "`sum`, which, called from train_segmenter (its one use there totals the set's voxels), "
-                     "reports a set larger than 2 GiB.")
-    else:
-        lines.append("The cache-off runs were skipped: train.py no longer has the line they rely on.")
+                 + f"; as train.py is, the growth is {slope['as_is'] / mem['cache_per_case']:.2f} cached cases' "
+                 "worth per case.")
     lines.append("")
     return lines
 

@@ -37,7 +37,8 @@ def test_attention_module_is_a_real_boolean(flags, attention):
     (["--attention_module", "maybe"], "--attention_module"), (["--reduction", "0"], "--reduction"),
     (["--attention_dilation", "-1"], "--attention_dilation"), (["--focal_alpha", "1.5"], "--focal_alpha"),
     (["--focal_gamma", "-1"], "--focal_gamma"), (["--boundary_floor", "2"], "--boundary_floor"),
-    (["--loss_criterion", "CrossEntropy"], "--loss_criterion"), (["--boundary_schedule", "never"], "--boundary_schedule")])
+    (["--loss_criterion", "CrossEntropy"], "--loss_criterion"), (["--boundary_schedule", "never"], "--boundary_schedule"),
+    (["--cache_cases", "sometimes"], "--cache_cases")])
 def test_train_refuses_bad_model_and_loss_flags(tmp_path, flags, fragment):
     assert_one_line_error(run_script("train.py", "--dry_run", "--output_dir", tmp_path / "run", *flags), fragment)
     assert not (tmp_path / "run").exists()

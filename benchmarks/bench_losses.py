@@ -15,8 +15,6 @@ import argparse
 import copy
 import datetime
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import cpu_name, replace_section, sync  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from losses import LOSSES, signed_distance_map  # noqa: E402
 from models import VNet, count_parameters, describe, model_arch  # noqa: E402
@@ -73,35 +72,13 @@ def phantom_batch(crop, batch_size, rng):
     return images, labels
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        if found:
-            return found.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Put `section` (starting with HEADING) in place of the old one, leaving others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        following = re.search(r"^## ", text[start + len(HEADING):], re.M)
-        end = start + len(HEADING) + following.start() if following else len(text)
-        text = text[:start] + section + ("\n" + text[end:] if following else "")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+
+
+
 
 
 def main(argv=None):
@@ -212,7 +189,7 @@ def main(argv=None):
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        replace_section(Path(args.output), section)
+        replace_section(Path(args.output), section, HEADING)
         print(f"wrote the section to {args.output}")
 
 

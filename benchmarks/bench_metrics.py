@@ -33,6 +33,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import cpu_name, replace_section  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from metrics import compute_metrics  # noqa: E402
 
@@ -113,31 +114,10 @@ def timed(fn, *a, **kw):
     return time.perf_counter() - start, out
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write `section` (which starts with HEADING) where the old one was, or append it; the rest
-    of the file, other people's sections included, stays as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == HEADING), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+
+
 
 
 def main(argv=None):
@@ -175,7 +155,7 @@ def main(argv=None):
     date = datetime.date.today().isoformat()
     lines = [
         HEADING, "",
-        f"`.venv-bench/bin/python benchmarks/bench_metrics.py` on {date}: {cpu_model()}, {os.cpu_count()} cores "
+        f"`.venv-bench/bin/python benchmarks/bench_metrics.py` on {date}: {cpu_name()}, {os.cpu_count()} cores "
         f"({torch.get_num_threads()} torch threads); torch {torch.__version__}, MONAI {monai.__version__}, "
         f"numpy {np.__version__}, scipy {scipy.__version__}, Python {platform.python_version()}; "
         f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after.",
@@ -206,7 +186,7 @@ def main(argv=None):
     section = "\n".join(lines)
     print("\n" + section)
     if not args.no_write:
-        replace_section(Path(args.output), section)
+        replace_section(Path(args.output), section, HEADING)
         print(f"section written to {args.output}")
 
 

@@ -49,9 +49,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import cpu_name, replace_section, sync  # noqa: E402  (benchmarks/ is sys.path[0])
 
 import dataset as ds  # noqa: E402
-from bench_losses import cpu_name, phantom_batch, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from bench_losses import phantom_batch  # noqa: E402  (benchmarks/ is sys.path[0])
 from losses import dice_loss  # noqa: E402
 from models import VNet, count_parameters  # noqa: E402
 from utils import resolve_device, run_cli  # noqa: E402
@@ -373,21 +374,7 @@ def memory_against_cases(args, workdir: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write `section` (which starts with HEADING) where the old one was, or append it; the rest
-    of the file, other people's sections included, stays as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+
 
 
 def mib(n: float) -> str:
@@ -608,7 +595,7 @@ def main(argv=None):
     section = "\n".join(lines)
     print("\n" + section)
     if not args.no_write:
-        replace_section(Path(args.output), section)
+        replace_section(Path(args.output), section, HEADING)
         print(f"section written to {args.output}")
 
 

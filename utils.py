@@ -158,6 +158,7 @@ def parse_bool(text: str) -> bool:
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """Channels-last 3D runs the V-Net's convolutions about 1.6x faster on CPU (measured:
-    3x1x48x64x64 training step, torch 2.13, 2 cores); kept contiguous elsewhere."""
+    """Channels-last 3D on CPU, contiguous elsewhere. On 2 CPU cores (torch 2.13) a training
+    step was 1.6x faster channels-last at 3x1x48x64x64 on an idle machine, 1.05x and 1.23x at
+    1x1x32x64x64 on a loaded one (benchmarks/bench_train.py); never slower in our runs."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format

@@ -146,17 +146,19 @@ class Augmenter:
     max_offset: float = 0.0
 
     def __call__(self, image, label, rng: np.random.Generator):
-        if rng.random() < self.p_flip:
+        # A transform that is off draws nothing, so switching one on or off leaves the others'
+        # random draws (and a seeded run's results) as they were.
+        if self.p_flip > 0 and rng.random() < self.p_flip:
             image, label = flip_w(image, label, rng)
-        if rng.random() < self.p_rotate:
+        if self.p_rotate > 0 and rng.random() < self.p_rotate:
             image, label = rotate_depth(image, label, rng, self.max_degrees)
-        if rng.random() < self.p_translate and self.max_translation > 0:
+        if self.p_translate > 0 and rng.random() < self.p_translate and self.max_translation > 0:
             image, label = translate_hw(image, label, rng, self.max_translation)
-        if rng.random() < self.p_elastic and self.elastic_magnitude > 0:
+        if self.p_elastic > 0 and rng.random() < self.p_elastic and self.elastic_magnitude > 0:
             image, label = elastic_deform(image, label, rng, self.elastic_magnitude, self.elastic_grid)
-        if rng.random() < self.p_scale:
+        if self.p_scale > 0 and rng.random() < self.p_scale:
             image, label = scale_intensity(image, label, rng, self.max_scale, self.max_offset)
-        if rng.random() < self.p_noise:
+        if self.p_noise > 0 and rng.random() < self.p_noise:
             image, label = gaussian_noise(image, label, rng, self.noise_std)
         return image, label
 

@@ -212,3 +212,22 @@ def test_save_augmentation_grid_writes_a_png_atomically(tmp_path):
     pixels = matplotlib.image.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > pixels.shape[1] / 2  # four rows, four columns
     assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary file left
+
+
+def test_a_transform_that_is_off_draws_nothing():
+    """Switching elastic or scaling on must not be needed to reproduce a run without them:
+    with them off, the other transforms see exactly the draws they saw before they existed."""
+    image = np.linspace(0, 1, 8 * 16 * 16, dtype=np.float32).reshape(8, 16, 16)
+    label = (image > 0.5).astype(np.uint8)
+    rng_a, rng_b = np.random.default_rng(7), np.random.default_rng(7)
+    A.Augmenter(p_elastic=0, p_scale=0)(image, label, rng_a)
+    # The draws of the four reference transforms alone, in order.
+    if rng_b.random() < 0.5:
+        A.flip_w(image, label, rng_b)
+    if rng_b.random() < 0.5:
+        A.rotate_depth(image, label, rng_b, 3.0)
+    if rng_b.random() < 0.5:
+        A.translate_hw(image, label, rng_b, 5)
+    if rng_b.random() < 0.3:
+        A.gaussian_noise(image, label, rng_b, 0.1)
+    assert rng_a.random() == rng_b.random()

@@ -111,7 +111,7 @@ def test_ctrl_c_stops_with_the_resume_command_and_a_loadable_latest(tiny_data, t
         if line.startswith("segmenter epoch   2:"):
             break
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2 and "Traceback" not in err, err
     assert "interrupted" in err and f"--resume {run}" in err
     assert torch.load(run / "segmenter" / "latest.pt", weights_only=True)["epoch"] >= 2

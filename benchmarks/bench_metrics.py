@@ -33,7 +33,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import cpu_name, replace_section  # noqa: E402  (benchmarks/ is sys.path[0])
+from common import cpu_name, publish  # noqa: E402  (benchmarks/ is sys.path[0])
 
 from metrics import compute_metrics  # noqa: E402
 
@@ -183,11 +183,7 @@ def main(argv=None):
         "(MONAI computes in float32, ours in float64).",
         "",
     ]
-    section = "\n".join(lines)
-    print("\n" + section)
-    if not args.no_write:
-        replace_section(Path(args.output), section, HEADING)
-        print(f"section written to {args.output}")
+    publish(lines, HEADING, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":

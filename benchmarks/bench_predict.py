@@ -59,7 +59,7 @@ from metrics import compute_metrics  # noqa: E402
 from models import VNet, count_parameters, model_arch  # noqa: E402
 from utils import save_checkpoint  # noqa: E402
 
-from common import cpu_name, replace_section, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HEADING = "## Prediction (benchmarks/bench_predict.py)"
 TARGET_RATIO = 5.0
@@ -328,11 +328,7 @@ def main(argv=None):
         for approach, rows in acc["scores"].items():
             lines.append(f"| {approach} | " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in keys) + " |")
         lines.append("")
-    section = "\n".join(lines)
-    print("\n" + section)
-    if not args.no_write:
-        replace_section(Path(args.output), section, HEADING)
-        print(f"section written to {args.output}")
+    publish(lines, HEADING, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import cpu_name, replace_section, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
 
 import dataset as ds  # noqa: E402
 from bench_losses import phantom_batch  # noqa: E402  (benchmarks/ is sys.path[0])
@@ -592,11 +592,7 @@ def main(argv=None):
     lines += gpu_lines(args, arms, flops, flops_ref, device, amp_name)
     if mem is not None:
         lines += cases_lines(args, mem)
-    section = "\n".join(lines)
-    print("\n" + section)
-    if not args.no_write:
-        replace_section(Path(args.output), section, HEADING)
-        print(f"section written to {args.output}")
+    publish(lines, HEADING, args.output, write=not args.no_write)
 
 
 if __name__ == "__main__":

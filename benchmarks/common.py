@@ -42,3 +42,12 @@ def replace_section(path: Path, section: str, heading: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def publish(lines: list[str], heading: str, output: str, write: bool = True) -> None:
+    """Print a benchmark's section and, unless told not to, put it into `output`."""
+    section = "\n".join(lines)
+    print("\n" + section)
+    if write:
+        replace_section(Path(output), section, heading)
+        print(f"section written to {output}")

@@ -17,6 +17,7 @@ only when this script wrote it; anything else needs `--overwrite`.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,20 @@ def score_case(pred: np.ndarray, label: np.ndarray, props: dict) -> dict:
     return compute_metrics(pred > 0, label, spacing=props["spacing"])
 
 
-def write_csv(path, rows: list[dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
+def write_csv(path, rows: list[dict]) -> bool:
+    """Write the per-case rows as CSV, atomically, unless the file already holds exactly these
+    rows (a rerun that changes nothing then leaves it untouched, mtime included). True if
+    written."""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    data = buf.getvalue().encode()
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return True
 
 
 def _cell(key: str, value: float) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,11 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import dataset as ds
-from evaluate import METRIC_KEYS, score_case
+from evaluate import METRIC_KEYS, score_case, write_csv
 from metrics import summarise
 from models import build_model
-from utils import (ArgParser, UserError, atomic_write, load_checkpoint, memory_format, resolve_device, run_cli,
-                   set_cpu_threads)
+from utils import (ArgParser, UserError, atomic_write, autocast_dtype, load_checkpoint, memory_format,
+                   resolve_device, run_cli, set_cpu_threads)
 
 OUTPUT_SUFFIX = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha"}
 
@@ -69,11 +68,6 @@ def load_pipeline(locator_path, segmenter_path, device) -> Pipeline:
     return Pipeline(load_model(loc, locator_path, device), load_model(seg, segmenter_path, device),
                     tuple(loc["config"]["factors"]), tuple(seg["config"]["patch_size"]),
                     tuple(seg["config"]["spacing"]), device)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it (same range as float32), else fp16; CPUs run float32."""
-    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
 
 
 @torch.no_grad()
@@ -205,20 +199,6 @@ def output_paths(out_path: Path) -> dict[str, Path]:
     base = out_path.name[: len(out_path.name) - len(suffix)] if suffix else out_path.name
     return {"mask": out_path, "prob": out_path.with_name(f"{base}_prob{suffix}"),
             "overlay": out_path.with_name(f"{base}_overlay.png")}
-
-
-def write_table(path: Path, rows: list[dict]) -> bool:
-    """Write the per-case CSV atomically, unless the file already holds exactly these rows (a
-    rerun that keeps every mask then leaves it untouched, mtime included). True if written."""
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    data = buf.getvalue().encode()
-    if path.is_file() and path.read_bytes() == data:
-        return False
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    return True
 
 
 def previous_flags(path: Path) -> dict[str, dict]:
@@ -371,7 +351,7 @@ def main(argv=None):
     for f in flagged:
         print(f"warning: {f}", file=sys.stderr)
     if rows:
-        write_table(out_dir / "metrics.csv", rows)
+        write_csv(out_dir / "metrics.csv", rows)
         stats = summarise(rows, METRIC_KEYS)
         print(f"metrics over {len(rows)} case(s) ({out_dir / 'metrics.csv'}):")
         for k, (mean, std) in stats.items():

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from losses import BoundarySchedule, SegmentationLoss
 from models import count_parameters, describe
-from utils import UserError, atomic_write, memory_format, rng_state, save_checkpoint, set_rng_state
+from utils import UserError, atomic_write, autocast_dtype, memory_format, rng_state, save_checkpoint, set_rng_state
 
 LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"]
 
@@ -99,13 +99,6 @@ def plot_curves(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def amp_settings(device: torch.device) -> tuple[bool, torch.dtype]:
-    """Mixed precision on CUDA: bf16 where the GPU has it (no loss scaling needed), else fp16."""
-    if device.type != "cuda":
-        return False, torch.float32
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device,
         resume: dict | None = None) -> Path:
     """Train `model` for the stage `name`; returns the path of its best checkpoint.
@@ -129,7 +122,7 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
                                          shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=settings.patience, factor=settings.reduce)
-    amp, amp_dtype = amp_settings(device)
+    amp, amp_dtype = device.type == "cuda", autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     # Adam's first steps are nearly sign updates; in a V-Net without normalisation they move
     # every 5x5x5 filter coherently and can blow the logits up into an all-background output.

@@ -57,7 +57,7 @@ import phantoms  # noqa: E402
 import predict  # noqa: E402
 from metrics import compute_metrics  # noqa: E402
 from models import VNet, count_parameters, model_arch  # noqa: E402
-from utils import save_checkpoint  # noqa: E402
+from utils import autocast_dtype, save_checkpoint  # noqa: E402
 
 from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
 
@@ -126,7 +126,7 @@ def sliding_window_probs(model, image: np.ndarray, roi, device) -> np.ndarray:
     from monai.inferers import sliding_window_inference
 
     x = torch.from_numpy(image)[None, None].to(device)  # (1, 1, D, H, W)
-    with torch.no_grad(), torch.autocast(device.type, dtype=predict.autocast_dtype(device),
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(device),
                                          enabled=device.type == "cuda"):
         probs = sliding_window_inference(
             x, roi_size=roi, sw_batch_size=1, overlap=0.5, mode="constant",

@@ -113,6 +113,10 @@ def fit(name, model, train_set, validate, settings, args, run_dir: Path, config:
     schedule = BoundarySchedule(args.boundary_schedule, args.boundary_step, args.boundary_floor, args.boundary_start_dice)
     fmt = memory_format(device)
     model.to(device, memory_format=fmt)
+    if resume is None:  # every process draws the same batch, so all start from the same weights
+        train_set.sampler.set_epoch(1)
+        batch = torch.stack([train_set[j][0] for j in range(min(settings.batch_size, len(train_set)))])
+        model.unit_variance_init(batch.to(device, memory_format=fmt))
     net = model
     if size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -97,3 +99,49 @@ def test_describe_names_the_variant():
     assert describe(model_arch(VNet(num_layers=2, base_channels=8))) == "V-Net (num_layers=2)"
     gated = VNet(base_channels=8, attention_module=True, attention_dilation=3)
     assert describe(model_arch(gated)) == "V-Net (attention r=4 d=3)"
+
+
+def _conv_output_stds(model, x):
+    """Standard deviation of every convolution's output in one forward pass, keyed by module."""
+    stds = {}
+    def record(module, inputs, output):
+        stds.setdefault(module, output.std().item())
+
+    hooks = [m.register_forward_hook(record)
+             for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return stds
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_unit_variance_init_gives_every_vnet_convolution_unit_std_on_its_batch(attention):
+    torch.manual_seed(0)
+    model = VNet(base_channels=2, num_layers=2, attention_module=attention)
+    # a smooth, offset, badly scaled input: nothing about it is unit-variance to begin with
+    x = 40 + 25 * torch.nn.functional.avg_pool3d(torch.randn(2, 1, 20, 36, 52), 5, stride=1)
+    before = _conv_output_stds(model, x)
+    logit_weights = model.output.weight.clone()
+    gate_weights = [p.clone() for n, p in model.named_parameters() if n.startswith("gate")]
+    factors = model.unit_variance_init(x)
+    after = _conv_output_stds(model, x)
+    own = [m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))
+           and not n.startswith(("gate", "output"))]
+    assert len(factors) == len(own) == 1 + 2 * (2 * (1 + 2) + 2 * (1 + 3))
+    # (input stage; then in the encoder and again in the decoder: two stages of a resampling
+    # convolution + 2 convolutions and two of one + 3, at num_layers=2)
+    assert all(abs(after[m] - 1) < 1e-4 for m in own)
+    assert any(abs(before[m] - 1) > 0.3 for m in own)  # the default start is far from it
+    assert torch.equal(model.output.weight, logit_weights)
+    with torch.no_grad():
+        logits = model(x)
+    assert abs(logits.mean().item() - math.log(0.01 / 0.99)) < 1e-4
+    assert torch.sigmoid(logits).mean() < 0.05  # starts out predicting background
+    assert all(torch.equal(a, b) for a, b in zip(gate_weights, (p for n, p in model.named_parameters() if n.startswith("gate"))))
+
+
+def test_unit_variance_init_refuses_a_prior_outside_zero_one():
+    with pytest.raises(ValueError, match="prior"):
+        VNet(base_channels=2).unit_variance_init(torch.randn(1, 1, 16, 16, 16), prior=1.0)

@@ -17,12 +17,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: setup
-	$(PY) phantoms.py --out_dir data/phantoms --num_cases 40 --shape 48 128 128 --shape 48 112 112 --seed 0 --overwrite
+	$(PY) phantoms.py --out_dir data/phantoms --num_cases 80 --shape 48 128 128 --shape 48 112 112 --seed 0 --overwrite
 	$(PY) phantoms.py --out_dir data/phantoms_test --num_cases 6 --shape 48 128 128 --shape 48 112 112 --seed 1000 --overwrite
 	$(PY) train.py --data_dir data/phantoms --output_dir $(RUN) --overwrite --device cpu \
-		--base_channels 4 --padding 12 16 16 --locator_max_epochs 8 --max_epochs 15
+		--base_channels 4 --padding 12 16 16 --locator_max_epochs 6 --max_epochs 7
 	$(PY) predict.py --data_dir data/phantoms_test --output_dir $(RUN)/predictions --overwrite --device cpu \
-		--locator_path $(RUN)/locator/best.pt --segmenter_path $(RUN)/segmenter/best.pt
+		--locator_path $(RUN)/locator/best.pt --segmenter_path $(RUN)/segmenter/best.pt --tta --largest_component
 	$(PY) evaluate.py --pred_dir $(RUN)/predictions --data_dir data/phantoms_test
 
 test: setup

@@ -164,7 +164,7 @@ class VNet(nn.Module):
                 return None
             convs.discard(module)  # once per module, even if a forward pass reached it twice
             std = output.float().std().item()
-            if not (std > 1e-8 and std < float("inf")):
+            if not (math.isfinite(std) and std > 1e-8):
                 return None
             module.weight.div_(std)
             if module.bias is not None:

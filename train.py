@@ -66,6 +66,11 @@ def parse_args(argv=None, defaults: dict | None = None):
     m.add_argument("--attention_module", type=parse_bool, nargs="?", const=True, default=False,
                    help="3D bottleneck attention after the input and encoder stages (also: --attention_module True/False)")
     m.add_argument("--no-attention_module", dest="attention_module", action="store_false", help="plain V-Net")
+    m.add_argument("--init_from_locator", type=parse_bool, nargs="?", const=True, default=True,
+                   help="start the segmenter from the trained locator's weights, those it shares with it "
+                        "(also: --init_from_locator True/False)")
+    m.add_argument("--no-init_from_locator", dest="init_from_locator", action="store_false",
+                   help="start the segmenter from random weights")
     m.add_argument("--reduction", type=int, default=4, help="attention channel-gate reduction")
     m.add_argument("--attention_dilation", type=int, default=4, help="dilation of the attention spatial gate")
     m.add_argument("--base_channels", type=int, default=8,
@@ -263,8 +268,17 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
         return scores
 
     model = stage_model(args, "segmenter").to(device)
+    if args.init_from_locator and resume is None:
+        widths = loc_ckpt["config"]["arch"].get("base_channels")
+        if widths == args.base_channels:
+            copied = model.load_matching(loc_ckpt["model"])
+            print(f"segmenter starts from the locator's weights ({copied} of {len(model.state_dict())} tensors)")
+        else:
+            print(f"note: the locator has --base_channels {widths}, the segmenter {args.base_channels}: "
+                  "the segmenter starts from random weights")
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
-              "loss": args.loss_criterion, "locator_path": str(locator_path)}
+              "loss": args.loss_criterion, "locator_path": str(locator_path),
+              "init_from_locator": bool(args.init_from_locator)}
     return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device, resume)
 
 

@@ -128,6 +128,18 @@ class VNet(nn.Module):
         self.gate0, self.gate1, self.gate2, self.gate3, self.gate4 = (gate(k * c) for k in (1, 2, 4, 8, 16))
 
     @torch.no_grad()
+    def load_matching(self, state_dict: dict) -> int:
+        """Copy every tensor of `state_dict` whose name and shape this model shares (the rest
+        keep their values); returns how many were copied. The segmenter uses it to start from
+        the trained locator, a V-Net of the same widths: all of its tensors carry over to a
+        plain segmenter, the shared ones to a deeper (`num_layers`) or attention variant."""
+        own = self.state_dict()
+        shared = [k for k, v in state_dict.items() if k in own and own[k].shape == v.shape]
+        for k in shared:
+            own[k].copy_(state_dict[k])
+        return len(shared)
+
+    @torch.no_grad()
     def unit_variance_init(self, batch: torch.Tensor, prior: float = 0.01) -> list[float]:
         """Rescale the V-Net's convolutions so that each one's output has unit standard deviation
         on `batch` (B, in_channels, D, H, W): layer-sequential unit-variance initialisation

@@ -90,3 +90,21 @@ def test_augmentation_flags_reach_training_and_the_grid_is_written(tiny_run, tin
                     "--p_scale", "1", "--augmentation_grid", grid)
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(run_script("train.py", "--dry_run", "--p_flip", "2"), "--p_flip")
+
+
+@pytest.mark.parametrize("flags, from_locator", [([], True), (["--no-init_from_locator"], False)])
+def test_segmenter_starts_from_the_locator_weights(tiny_run, tiny_data, tmp_path, flags, from_locator):
+    import torch
+    train_segmenter(tiny_run, tiny_data, tmp_path / "run", "--learning_rate", "1e-12", *flags)
+    loc = torch.load(tiny_run / "locator" / "best.pt", weights_only=True)["model"]
+    seg = torch.load(tmp_path / "run" / "segmenter" / "best.pt", weights_only=True)
+    assert seg["config"]["init_from_locator"] is from_locator
+    # unit_variance_init rescales each convolution by a positive factor, so a kernel started
+    # from the locator's points the same way; trained with a vanishing rate it stays there
+    cosines = [torch.nn.functional.cosine_similarity(seg["model"][k].flatten(), v.flatten(), dim=0).item()
+               for k, v in loc.items() if v.ndim == 5 and v.numel() >= 64]  # every kernel but the logit layer's
+    assert len(cosines) > 20
+    if from_locator:
+        assert min(cosines) > 0.999
+    else:
+        assert max(cosines) < 0.9

@@ -145,3 +145,22 @@ def test_unit_variance_init_gives_every_vnet_convolution_unit_std_on_its_batch(a
 def test_unit_variance_init_refuses_a_prior_outside_zero_one():
     with pytest.raises(ValueError, match="prior"):
         VNet(base_channels=2).unit_variance_init(torch.randn(1, 1, 16, 16, 16), prior=1.0)
+
+
+def test_load_matching_copies_the_shared_tensors_and_leaves_the_rest():
+    torch.manual_seed(0)
+    plain = VNet(base_channels=2)
+    deeper = VNet(base_channels=2, num_layers=2, attention_module=True)
+    before = {k: v.clone() for k, v in deeper.state_dict().items()}
+    # every tensor of the plain V-Net has a namesake of its shape in the deeper one: the extra
+    # convolutions follow the plain ones in each stack, and the gates are new modules
+    assert deeper.load_matching(plain.state_dict()) == len(plain.state_dict())
+    after = deeper.state_dict()
+    for k, v in after.items():
+        if k in plain.state_dict():
+            assert torch.equal(v, plain.state_dict()[k]), k
+        else:
+            assert torch.equal(v, before[k]), k
+    assert any(k.startswith("gate") for k in after) and "down1.convs.2.weight" in after
+    # another width shares only what has no channel dimension (the one-channel logit bias)
+    assert VNet(base_channels=4).load_matching(plain.state_dict()) == 1

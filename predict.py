@@ -7,10 +7,10 @@
     python predict.py --input DICOM_SERIES_FOLDER scan2.nii.gz --output_dir OUT ...
 
 Per scan: resample to the training spacing if it differs -> z-score -> pad and downscale ->
-locator -> centre of its largest component -> fixed-size crop -> segmenter -> paste into a
-zero volume -> probabilities back onto the scan's own grid (linear) -> threshold at 0.5 ->
-optionally the largest connected component -> mask with the scan's exact size, spacing, origin
-and direction. The architecture and pre-processing come from the checkpoints, so there are no
+locator -> centre of its largest component -> fixed-size crop -> segmenter (-> crop again
+centred on the segmenter's mask, up to --recentre times) -> paste into a zero volume ->
+probabilities back onto the scan's own grid (linear) -> threshold at 0.5 -> optionally the
+largest connected component -> mask with the scan's exact size, spacing, origin and direction. The architecture and pre-processing come from the checkpoints, so there are no
 model flags. One case is in memory at a time; a case that fails is reported and the others go
 on (exit status 1 at the end). With labels present, OUT/metrics.csv holds the per-case metrics
 and their mean +- std is printed.

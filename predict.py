@@ -7,10 +7,10 @@
     python predict.py --input DICOM_SERIES_FOLDER scan2.nii.gz --output_dir OUT ...
 
 Per scan: resample to the training spacing if it differs -> z-score -> pad and downscale ->
-locator -> centre of its largest component -> fixed-size crop -> segmenter (-> crop again
-centred on the segmenter's mask, up to --recentre times) -> paste into a zero volume ->
-probabilities back onto the scan's own grid (linear) -> threshold at 0.5 -> optionally the
-largest connected component -> mask with the scan's exact size, spacing, origin and direction. The architecture and pre-processing come from the checkpoints, so there are no
+locator -> centre of its largest component -> fixed-size crop -> segmenter -> paste into a
+zero volume -> probabilities back onto the scan's own grid (linear) -> threshold at 0.5 ->
+optionally the largest connected component -> mask with the scan's exact size, spacing, origin
+and direction. The architecture and pre-processing come from the checkpoints, so there are no
 model flags. One case is in memory at a time; a case that fails is reported and the others go
 on (exit status 1 at the end). With labels present, OUT/metrics.csv holds the per-case metrics
 and their mean +- std is printed.
@@ -47,7 +47,6 @@ class Pipeline:
     spacing: tuple        # training spacing (sz, sy, sx) mm
     device: torch.device
     tta: bool = False     # average each model over the input and its W-mirror
-    recentre: int = 0     # further crops, each centred on the previous one's atrium
 
 
 def load_model(ckpt: dict, path, device) -> torch.nn.Module:
@@ -106,29 +105,6 @@ def segment_at(pipe: Pipeline, image: np.ndarray, fill: float, centre) -> np.nda
     return ds.paste(prob, start, image.shape)
 
 
-def segment_recentred(pipe: Pipeline, image: np.ndarray, fill: float, centre) -> tuple[np.ndarray, int]:
-    """Segment at `centre`, then up to `pipe.recentre` times again at the centre of the box of
-    the previous mask's largest component, stopping once the crop stays where it is.
-
-    The locator works at a quarter of the in-plane resolution and is the weaker model: on
-    phantoms it was off by up to 18 voxels in W where the segmenter, given a crop that holds
-    most of the atrium, finds its box to a voxel or two. A crop centred on the atrium is also
-    what half of the segmenter's training crops are. Returns the last probabilities and the
-    number of extra crops run."""
-    prob = segment_at(pipe, image, fill, centre)
-    start = ds.crop_start(centre, pipe.patch_size, image.shape)
-    for extra in range(pipe.recentre):
-        box = ds.bounding_box(largest_component(prob >= 0.5))
-        if box is None:
-            return prob, extra
-        centre = tuple(float(c) for c in (box[0] + box[1]) / 2)
-        moved = ds.crop_start(centre, pipe.patch_size, image.shape)
-        if moved == start:
-            return prob, extra
-        prob, start = segment_at(pipe, image, fill, centre), moved
-    return prob, pipe.recentre
-
-
 def segment(pipe: Pipeline, image: np.ndarray, props: dict) -> tuple[np.ndarray, dict]:
     """Atrium probabilities float32 on the grid of `image (D, H, W)`, and a record of the
     location (`locator_found`, `atrium_larger_than_patch`).
@@ -143,7 +119,7 @@ def segment(pipe: Pipeline, image: np.ndarray, props: dict) -> tuple[np.ndarray,
     work, work_props = ds.resample(image, props, pipe.spacing, label=False) if resampled else (image, props)
     work, fill = ds.zscore(work)
     loc = locate_case(pipe, work, fill)
-    prob, _ = segment_recentred(pipe, work, fill, loc["centre"])
+    prob = segment_at(pipe, work, fill, loc["centre"])
     del work
     if resampled:
         prob = ds.resample_onto(prob, work_props, image.shape, props, label=False)
@@ -259,9 +235,6 @@ def parse_args(argv=None):
     post.add_argument("--tta", action="store_true",
                       help="average each model's probabilities over the scan and its left-right (W) mirror, the one "
                            "flip training augments with; twice the inference time")
-    post.add_argument("--recentre", type=int, default=2, metavar="N",
-                      help="after the segmenter, crop again centred on the atrium it found, up to N times (0: the "
-                           "locator's crop only)")
     post.add_argument("--largest_component", action="store_true",
                       help="keep only the largest 26-connected component of each mask (drops stray islands)")
     m = p.add_argument_group("models")
@@ -273,8 +246,6 @@ def parse_args(argv=None):
 
 
 def cases_from_args(args) -> list[ds.Case]:
-    if args.recentre < 0:
-        raise UserError(f"--recentre {args.recentre}: must be 0 or more")
     if (args.data_dir is None) == (args.input is None):
         raise UserError("give exactly one of --data_dir DIR or --input FILE [FILE ...]")
     if args.output and (args.input is None or len(args.input) != 1):
@@ -341,7 +312,7 @@ def main(argv=None):
     set_cpu_threads()
     device = resolve_device(args.device)
     pipe = load_pipeline(args.locator_path, args.segmenter_path, device)
-    pipe.tta, pipe.recentre = args.tta, args.recentre
+    pipe.tta = args.tta
     out_dir = Path(args.output).parent if args.output else Path(args.output_dir)
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"--output {args.output}: already exists; pass --overwrite to replace it")

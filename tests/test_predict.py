@@ -223,31 +223,6 @@ def test_infer_tta_is_the_mean_over_the_w_flip():
     np.testing.assert_allclose(predict.infer(model, x, cpu, tta=True), expected, atol=1e-6)
 
 
-class Threshold(torch.nn.Module):
-    """A stand-in segmenter that finds exactly the voxels brighter than 0.5."""
-
-    def forward(self, x):
-        return 50 * (x - 0.5)
-
-
-def test_recentring_moves_a_crop_that_cuts_the_atrium_onto_it():
-    image = np.zeros((32, 32, 32), np.float32)
-    image[8:18, 8:18, 8:18] = 1  # the "atrium": box 8..17, centre 13
-    pipe = predict.Pipeline(None, Threshold(), (1, 1, 1), (16, 16, 16), (1, 1, 1), torch.device("cpu"))
-    off = (13.0, 13.0, 19.0)  # a locator 6 voxels off in W: the crop starts at W = 11
-    pipe.recentre = 0
-    prob, extra = predict.segment_recentred(pipe, image, 0.0, off)
-    assert extra == 0 and (prob >= 0.5).sum() == 10 * 10 * 7
-    pipe.recentre = 5
-    prob, extra = predict.segment_recentred(pipe, image, 0.0, off)
-    np.testing.assert_array_equal(prob >= 0.5, image > 0)
-    # the box of W 11..17 (centre 14.5) moves the crop to start 6, which holds the whole cube;
-    # the cube's box (centre 13) then moves it to start 5, where it stays: two extra crops
-    assert extra == 2
-    prob, extra = predict.segment_recentred(pipe, np.zeros_like(image), 0.0, off)
-    assert extra == 0 and not (prob >= 0.5).any()  # nothing found: no further crop
-
-
 def test_largest_component_uses_26_connectivity():
     mask = np.zeros((6, 8, 8), np.uint8)
     mask[1:4, 1:4, 1:4] = 1       # the body, 27 voxels
@@ -295,7 +270,6 @@ def test_one_line_errors_name_the_bad_input(tiny_run, scan, tmp_path):
              (["--input", tmp_path / "missing.nii.gz"], ["--input", "missing.nii.gz", "no such file"]),
              (["--input", src, src], ["--input", "scan", "twice"]),
              (["--input", src, "--output_dir", a_file], ["--output_dir", "a_file"]),
-             (["--input", src, "--recentre", "-1"], ["--recentre", "0 or more"]),
              (["--input", src, "--tta", "--largest_component", "--overlays", "--save_probabilities",
                "--output_format", "png"], ["--output_format", "png"])]
     for args, fragments in cases:

@@ -268,17 +268,16 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
         return scores
 
     model = stage_model(args, "segmenter").to(device)
-    if args.init_from_locator and resume is None:
-        widths = loc_ckpt["config"]["arch"].get("base_channels")
-        if widths == args.base_channels:
-            copied = model.load_matching(loc_ckpt["model"])
-            print(f"segmenter starts from the locator's weights ({copied} of {len(model.state_dict())} tensors)")
-        else:
-            print(f"note: the locator has --base_channels {widths}, the segmenter {args.base_channels}: "
-                  "the segmenter starts from random weights")
+    widths = loc_ckpt["config"]["arch"].get("base_channels")
+    from_locator = args.init_from_locator and widths == args.base_channels
+    if args.init_from_locator and not from_locator:
+        print(f"note: the locator has --base_channels {widths}, the segmenter {args.base_channels}: "
+              "the segmenter starts from random weights")
+    if from_locator and resume is None:
+        copied = model.load_matching(loc_ckpt["model"])
+        print(f"segmenter starts from the locator's weights ({copied} of {len(model.state_dict())} tensors)")
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
-              "loss": args.loss_criterion, "locator_path": str(locator_path),
-              "init_from_locator": bool(args.init_from_locator)}
+              "loss": args.loss_criterion, "locator_path": str(locator_path), "init_from_locator": from_locator}
     return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device, resume)
 
 

@@ -268,16 +268,17 @@ def train_segmenter(args, cases, records, split, spacing, run_dir, device, locat
         return scores
 
     model = stage_model(args, "segmenter").to(device)
-    widths = loc_ckpt["config"]["arch"].get("base_channels")
-    from_locator = args.init_from_locator and widths == args.base_channels
     if resume is not None:  # the weights come from the checkpoint; keep its record of how they started
         from_locator = bool(resume["config"].get("init_from_locator", False))
-    elif from_locator:
-        copied = model.load_matching(loc_ckpt["model"])
-        print(f"segmenter starts from the locator's weights ({copied} of {len(model.state_dict())} tensors)")
-    elif args.init_from_locator:
-        print(f"note: the locator has --base_channels {widths}, the segmenter {args.base_channels}: "
-              "the segmenter starts from random weights")
+    else:
+        widths = loc_ckpt["config"]["arch"].get("base_channels")
+        from_locator = args.init_from_locator and widths == args.base_channels
+        if from_locator:
+            copied = model.load_matching(loc_ckpt["model"])
+            print(f"segmenter starts from the locator's weights ({copied} of {len(model.state_dict())} tensors)")
+        elif args.init_from_locator:
+            print(f"note: the locator has --base_channels {widths}, the segmenter {args.base_channels}: "
+                  "the segmenter starts from random weights")
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
               "loss": args.loss_criterion, "locator_path": str(locator_path), "init_from_locator": from_locator}
     return fit("segmenter", model, train_set, validate, st, args, run_dir, config, device, resume)

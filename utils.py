@@ -166,5 +166,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
 def memory_format(device: torch.device) -> torch.memory_format:
     """Channels-last 3D on CPU, contiguous elsewhere. On 2 CPU cores (torch 2.13) a training
     step was 1.6x faster channels-last at 3x1x48x64x64 on an idle machine, 1.05x and 1.23x at
-    1x1x32x64x64 on a loaded one (benchmarks/bench_train.py); never slower in our runs."""
+    1x1x32x64x64 on a loaded one, but 1.13x slower at 1x1x32x64x64 on an idle one
+    (benchmarks/bench_train.py): a gain at train.py's batch of 3, not at every size."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format

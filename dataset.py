@@ -318,6 +318,22 @@ def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return np.array([c[0] for c in coords]), np.array([c[-1] + 1 for c in coords])
 
 
+def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """The largest connected component of a (D, H, W) mask, same dtype, the rest zero.
+
+    `connectivity` 1 joins face neighbours (6-connected), 3 also edges and corners
+    (26-connected). Labelled inside the mask's bounding box only, so a full-size scan costs no
+    full-size label volume. Ties go to the component met first in (z, y, x) order."""
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros_like(mask)
+    inner = tuple(slice(lo, hi) for lo, hi in zip(*box))
+    labels, _ = ndimage.label(mask[inner], structure=ndimage.generate_binary_structure(3, connectivity))
+    out = np.zeros_like(mask)
+    out[inner] = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    return out
+
+
 def crop_start(centre, size, shape) -> tuple[int, int, int]:
     """Start of a `size` window centred on `centre`, shifted to lie inside `shape`; a window
     larger than the volume on an axis is centred on the volume (the rest is padding).
@@ -373,17 +389,15 @@ def locator_input(image: np.ndarray, fill: float, factors, shape=None) -> tuple[
 def locate(prob: np.ndarray, factors, pad_before, threshold: float = 0.5) -> dict:
     """Centre and extent of the atrium from the locator's low-resolution probabilities.
 
-    Keeps the largest connected component above `threshold`, scales its bounding box back
+    Keeps the largest 6-connected component above `threshold`, scales its bounding box back
     to full resolution (a low-resolution voxel i covers [i k, (i + 1) k)) and removes the
     padding. Returns {"centre": (z, y, x) voxels of the unpadded scan, "extent": (d, h, w)
     voxels, "found": bool}; when nothing is found, centre and extent are None.
     """
-    mask = prob >= threshold
-    labels, n = ndimage.label(mask)
-    if n == 0:
+    box = bounding_box(largest_component(prob >= threshold))
+    if box is None:
         return {"centre": None, "extent": None, "found": False}
-    sizes = np.bincount(labels.ravel())[1:]
-    lo, hi = bounding_box(labels == (1 + int(np.argmax(sizes))))
+    lo, hi = box
     k, before = np.asarray(factors), np.asarray(pad_before)
     lo, hi = lo * k - before, hi * k - before
     return {"centre": tuple(float(c) for c in (lo + hi) / 2), "extent": tuple(int(e) for e in hi - lo),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from dataset import write_image
+from dataset import largest_component, write_image
 from utils import ArgParser, UserError, run_cli
 
 MIN_SIDE = 16  # voxels per axis; below this the vein stubs and the wall no longer resolve
@@ -189,9 +189,7 @@ def make_phantom(shape=(48, 128, 128), spacing=(0.625, 0.625, 0.625), rng=None) 
     for prim in atrium:
         box, mask = _rasterise(shape, centre, m, prim)
         label[box] |= mask
-    parts, count = ndimage.label(label)  # thin tips can touch only diagonally on small grids
-    if count > 1:
-        label = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
+    label = largest_component(label)  # thin tips can touch only diagonally on small grids
 
     # The wall: a 1-2 voxel shell, nulled myocardium with enhanced (scar-like) patches.
     box = tuple(slice(max(0, int(np.floor(c + a)) - 3), int(np.ceil(c + b)) + 4) for c, a, b in zip(centre, lo, hi))

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 import dataset as ds
@@ -130,21 +129,10 @@ def segment(pipe: Pipeline, image: np.ndarray, props: dict) -> tuple[np.ndarray,
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a (D, H, W) mask, uint8 {0, 1}.
-
-    26-connectivity (faces, edges and corners) so that a thin vein stub touching the body only
-    along an edge stays; anything removed is a separate island. Labelled inside the mask's
-    bounding box only, so a full-size scan costs no full-size label volume."""
-    box = ds.bounding_box(mask)
-    if box is None:
-        return mask.astype(np.uint8, copy=False)
-    inner = tuple(slice(lo, hi) for lo, hi in zip(*box))
-    labels, n = ndimage.label(mask[inner], structure=np.ones((3, 3, 3), bool))
-    out = np.zeros(mask.shape, np.uint8)
-    if n:
-        largest = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-        out[inner] = labels == largest
-    return out
+    """The largest 26-connected component of a (D, H, W) mask, uint8 {0, 1}: faces, edges and
+    corners join, so that a thin vein stub touching the body only along an edge stays;
+    anything removed is a separate island."""
+    return ds.largest_component(mask.astype(np.uint8, copy=False), connectivity=3)
 
 
 def slice_centre(mask: np.ndarray, label: np.ndarray | None) -> tuple[int, int, int]:

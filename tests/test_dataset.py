@@ -147,6 +147,21 @@ def test_crop_start_shifts_inside_and_centres_oversized_windows():
     assert ds.crop_start((20, 32, 32), (48, 32, 32), (40, 64, 64)) == (-4, 16, 16)
 
 
+def test_largest_component_connectivity_ties_and_dtype():
+    mask = np.zeros((6, 6, 6), bool)
+    mask[0:2, 0:2, 0:2] = True     # body, 8 voxels
+    mask[2, 2, 2] = True           # touches it at a corner only
+    mask[4:6, 4, 4] = True         # a separate 2-voxel island
+    faces = ds.largest_component(mask)
+    assert faces.dtype == bool and faces.sum() == 8 and not faces[2, 2, 2]
+    corners = ds.largest_component(mask, connectivity=3)
+    assert corners.sum() == 9 and corners[2, 2, 2] and not corners[4:6, 4, 4].any()
+    tie = np.zeros((4, 4, 4), np.uint8)
+    tie[3, 0, 0] = tie[0, 3, 3] = 1            # equal sizes: the first in (z, y, x) order wins
+    np.testing.assert_array_equal(np.argwhere(ds.largest_component(tie)), [[0, 3, 3]])
+    assert not ds.largest_component(np.zeros((2, 2, 2), np.uint8)).any()
+
+
 def test_locate_scales_box_back_and_removes_padding():
     prob = np.zeros((8, 8, 8), np.float32)
     prob[2:4, 3:5, 1:2] = 0.9   # the atrium

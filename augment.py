@@ -1,8 +1,8 @@
 """On-the-fly augmentation of (image, label) pairs: the reference write-up's horizontal flip,
 additive Gaussian noise, small rotation about the depth axis and in-plane translation, plus an
 in-plane elastic deformation (off by default, as in the write-up) and intensity scaling (off
-by default: the defaults are the write-up's set); the
-command-line flags that set them; and a PNG grid of augmented samples for a user to look at.
+by default: the defaults are the write-up's set), and the command-line flags that set them
+(`plots.augmentation_grid` draws what they do).
 
 Each transform takes `(image, label, rng)` with an explicit `numpy.random.Generator` and
 returns `(image, label)`: image float32 (D, H, W), label uint8 (D, H, W) in {0, 1}. Image and
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from utils import UserError, atomic_write
+from utils import UserError
 
 
 def flip_w(image, label, rng):
@@ -70,9 +70,9 @@ def bspline_basis(n: int, grid: int) -> np.ndarray:
     sampled on n voxels, the first and last control points on the first and last voxels.
 
     `basis @ c` equals `ndimage.zoom(c, n / grid, order=3, mode="nearest", prefilter=False)`;
-    built once per axis it upsamples a control grid axis by axis as matrix products: 0.01 s
-    instead of zoom's 1.2 s for a 4x4x4 grid to 96x144x224 (2 busy cores). Rows sum to 1 and
-    are non-negative, so every upsampled value is a weighted mean of control values.
+    built once per axis, it upsamples a control grid axis by axis as matrix products, about a
+    hundred times faster than zooming the grid (docs/experiments.md). Rows sum to 1 and are
+    non-negative, so every upsampled value is a weighted mean of control values.
     """
     basis = np.stack([ndimage.zoom(e, n / grid, order=3, mode="nearest", prefilter=False)
                       for e in np.eye(grid)], axis=1).astype(np.float32)
@@ -87,8 +87,8 @@ def elastic_field(shape, rng, magnitude: float, grid: int = 4) -> np.ndarray:
     gets displacements drawn uniformly from [-magnitude, +magnitude] voxels per component; the
     field is their cubic B-spline blend (a free-form deformation), smooth, and never larger
     than `magnitude` because each value is a weighted mean of control values. The blend
-    averages neighbours, so the largest displacement in a crop is typically 0.7 x magnitude
-    (measured: mean of the per-crop maximum over 50 draws, 96x144x224, grid 3 to 6).
+    averages neighbours, so the largest displacement in a crop is typically below `magnitude`
+    (docs/experiments.md).
     """
     g = [max(1, min(grid, n)) for n in shape]
     control = rng.uniform(-magnitude, magnitude, (2, *g)).astype(np.float32)
@@ -101,8 +101,8 @@ def warp_in_plane(image, label, field):
     axial slice; `field` (2, D, H, W) as `elastic_field`. Outside the array both repeat their
     edge, so the two stay aligned up to the border.
 
-    The displacement has no D component, so each slice is a 2D interpolation: half the
-    neighbours of a 3D linear one, and measured about 2x faster on a 96x144x224 crop."""
+    The displacement has no D component, so each slice is a 2D interpolation, with half the
+    neighbours of a 3D linear one."""
     d, h, w = image.shape
     hh, ww = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
     out_image, out_label = np.empty_like(image), np.empty_like(label)
@@ -170,7 +170,8 @@ def add_augment_args(group) -> None:
     group.add_argument("--p_rotate", type=float, default=a.p_rotate, help="probability of an in-plane rotation")
     group.add_argument("--max_rotation", type=float, default=a.max_degrees,
                        help="largest rotation about the depth axis, degrees")
-    group.add_argument("--p_translate", type=float, default=a.p_translate, help="probability of an in-plane translation")
+    group.add_argument("--p_translate", type=float, default=a.p_translate,
+                       help="probability of an in-plane translation")
     group.add_argument("--max_translation", type=int, default=a.max_translation,
                        help="largest translation along H and/or W, full-resolution voxels")
     group.add_argument("--p_elastic", type=float, default=a.p_elastic,
@@ -216,52 +217,3 @@ def augmenter_from_args(args, voxel_scale: float = 1.0) -> Augmenter:
                      p_elastic=args.p_elastic, elastic_magnitude=args.elastic_magnitude / voxel_scale,
                      elastic_grid=args.elastic_grid, p_scale=args.p_scale, max_scale=args.max_scale,
                      max_offset=args.max_offset)
-
-
-# ----------------------------------------------------------------------------- looking at samples
-
-def grid_slices(label: np.ndarray, num_slices: int) -> list[int]:
-    """`num_slices` axial indices spread evenly inside the label's D extent (the middle one
-    through its centre), or inside the whole volume when the label is empty.
-    Example: label on slices 10..29, 3 slices -> [15, 20, 24]."""
-    present = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
-    lo, hi = (present[0], present[-1]) if present.size else (0, label.shape[0] - 1)
-    return [int(round(lo + (hi - lo) * (k + 1) / (num_slices + 1))) for k in range(num_slices)]
-
-
-def save_augmentation_grid(path, samples, *, num_slices: int = 3, titles=None) -> None:
-    """PNG of augmented samples: one row per sample, `num_slices` axial slices through the
-    label (see `grid_slices`) with the label's contour in red. Written atomically.
-
-    samples: (image, label) pairs, each (D, H, W) or (1, D, H, W), numpy arrays or CPU
-    tensors (a dataset item's first two entries). All rows share one grey window (the 1st
-    to 99th percentile over every sample), so intensity scaling shows between rows.
-    """
-    # Imported here: train.py imports this module and plots only when asked.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pairs = []
-    for image, label in samples:
-        image, label = np.asarray(image, dtype=np.float32), np.asarray(label)
-        image, label = image.reshape(image.shape[-3:]), label.reshape(label.shape[-3:]) > 0.5
-        assert image.shape == label.shape, f"image {image.shape} and label {label.shape} differ"
-        pairs.append((image, label))
-    if not pairs:
-        raise ValueError("save_augmentation_grid: no samples given")
-    vmin, vmax = np.percentile(np.concatenate([i.ravel()[::7] for i, _ in pairs]), (1, 99))
-    h, w = pairs[0][0].shape[1:]
-    fig = Figure(figsize=(2.2 * num_slices, 2.2 * len(pairs) * h / w + 0.3), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = np.asarray(fig.subplots(len(pairs), num_slices, squeeze=False))
-    for r, (image, label) in enumerate(pairs):
-        for c, d in enumerate(grid_slices(label, num_slices)):
-            ax = axes[r, c]
-            ax.imshow(image[d], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-            if label[d].any() and not label[d].all():
-                ax.contour(label[d], levels=[0.5], colors="tab:red", linewidths=0.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"slice {d}", fontsize=8)
-        axes[r, 0].set_ylabel(titles[r] if titles else f"sample {r}", fontsize=8)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -1,11 +1,14 @@
-"""Data: reading and writing volumes with their geometry, finding cases in the LASC and
-MSD/nnU-Net layouts, the train/validation split, and the geometric rules of the pipeline
-(padding to a multiple, integer downscaling, z-score, fixed-size crops and their paste-back).
+"""Data without a deep-learning dependency: reading and writing volumes with their geometry,
+finding cases in the LASC and MSD/nnU-Net layouts, the train/validation split, masks (the one
+binary-mask check, bounding boxes, the largest component), and the geometric rules of the
+pipeline (padding to a multiple, integer downscaling, z-score, the locator's centre, fixed-size
+crops and their paste-back).
 
 Arrays are (D, H, W), SimpleITK's (z, y, x). The turn from SimpleITK's (x, y, z) order
-happens in `read_image` and `write_image` only: `props["spacing"]` is (sz, sy, sx) in mm,
-array order; `props["origin"]` and `props["direction"]` stay in ITK's physical (x, y, z)
-form because nothing but the writer uses them.
+happens in `read_image`, `read_image_info`, `to_sitk` and `write_image` only:
+`props["spacing"]` is (sz, sy, sx) in mm, array order; `props["origin"]` and
+`props["direction"]` stay in ITK's physical (x, y, z) form because nothing but the writers use
+them.
 """
 from __future__ import annotations
 
@@ -16,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 from scipy import ndimage
 
-from losses import signed_distance_map
 from utils import UserError, atomic_write
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
 GEOMETRY_TOL = 1e-4  # mm / direction-cosine tolerance when comparing two files' geometry
+LABEL_VALUES = (1, 255)  # a label's foreground: 1, or 255 as the LASC files store it
 
 
 # ----------------------------------------------------------------------------- reading / writing
@@ -42,6 +44,23 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
     except RuntimeError as e:
         raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
     return _from_sitk(img, path)
+
+
+def read_image_info(path: str | Path) -> tuple[tuple[int, int, int], dict]:
+    """`(shape (D, H, W), props)` of a volume from its header alone, without decoding voxels
+    (a DICOM series folder is read whole). Refuses what `read_image` refuses for its header."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        array, props = read_image(path)
+        return array.shape, props
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    _check_scalar_3d(reader.GetNumberOfComponents(), reader.GetDimension(), path)
+    return tuple(reversed(reader.GetSize())), _props(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
 
 def is_dicom_folder(path: Path) -> bool:
@@ -82,27 +101,37 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return img
 
 
+def _check_scalar_3d(components: int, dimension: int, path) -> None:
+    if components != 1:
+        raise UserError(f"{path}: has {components} components per voxel; expected a scalar 3D volume")
+    if dimension != 3:
+        raise UserError(f"{path}: is a {dimension}D image; expected a 3D volume (D, H, W)")
+
+
+def _props(spacing_xyz, origin, direction) -> dict:
+    return {"spacing": tuple(float(s) for s in reversed(spacing_xyz)),
+            "origin": tuple(float(o) for o in origin), "direction": tuple(float(d) for d in direction)}
+
+
 def _from_sitk(img: sitk.Image, path) -> tuple[np.ndarray, dict]:
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
-                        "expected a scalar 3D volume")
-    if img.GetDimension() != 3:
-        raise UserError(f"{path}: is a {img.GetDimension()}D image; expected a 3D volume (D, H, W)")
-    array = sitk.GetArrayFromImage(img)
-    props = {"spacing": tuple(float(s) for s in reversed(img.GetSpacing())),
-             "origin": tuple(float(o) for o in img.GetOrigin()),
-             "direction": tuple(float(d) for d in img.GetDirection())}
-    return array, props
+    _check_scalar_3d(img.GetNumberOfComponentsPerPixel(), img.GetDimension(), path)
+    return sitk.GetArrayFromImage(img), _props(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+
+def to_sitk(array: np.ndarray, props: dict) -> sitk.Image:
+    """A SimpleITK image of `array (D, H, W)` with the geometry in `props`."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(tuple(float(s) for s in reversed(props["spacing"])))
+    img.SetOrigin(props["origin"])
+    img.SetDirection(props["direction"])
+    return img
 
 
 def write_image(array: np.ndarray, props: dict, path: str | Path) -> None:
     """Write `array (D, H, W)` with the geometry in `props` (as `read_image` returns it),
     atomically: a reader never sees a half-written file."""
     assert array.ndim == 3, f"expected a (D, H, W) array, got shape {array.shape}"
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    img.SetSpacing(tuple(float(s) for s in reversed(props["spacing"])))
-    img.SetOrigin(props["origin"])
-    img.SetDirection(props["direction"])
+    img = to_sitk(array, props)
     atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
 
 
@@ -110,36 +139,37 @@ def same_geometry(a: dict, b: dict, tol: float = GEOMETRY_TOL) -> bool:
     return all(np.allclose(a[k], b[k], atol=tol, rtol=0) for k in ("spacing", "origin", "direction"))
 
 
+def same_spacing(a, b) -> bool:
+    """Two spacings (mm) equal within 0.1 %: the tolerance below which nothing is resampled."""
+    return bool(np.allclose(a, b, rtol=1e-3, atol=0))
+
+
+def resampled_shape(shape, spacing, new_spacing) -> tuple[int, int, int]:
+    """The shape of a volume resampled from `spacing` to `new_spacing` over the same extent.
+    Example: resampled_shape((10, 20, 20), (1.25,) * 3, (0.625,) * 3) -> (20, 40, 40)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))
+
+
 def resample(array: np.ndarray, props: dict, spacing, *, label: bool) -> tuple[np.ndarray, dict]:
     """Resample `array (D, H, W)` to `spacing` (array order, mm) over the same physical
     extent, keeping origin and direction. Linear for images, nearest neighbour for labels."""
     img = to_sitk(array, props)
-    old_size, old_spacing = np.array(img.GetSize()), np.array(img.GetSpacing())
-    new_spacing = np.array(tuple(reversed(spacing)), dtype=float)
-    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
-    out = sitk.Resample(img, [int(s) for s in new_size], sitk.Transform(),
-                        sitk.sitkNearestNeighbor if label else sitk.sitkLinear,
-                        img.GetOrigin(), tuple(new_spacing), img.GetDirection(), 0.0, img.GetPixelID())
+    size = tuple(reversed(resampled_shape(array.shape, props["spacing"], spacing)))
+    out = sitk.Resample(img, size, sitk.Transform(), sitk.sitkNearestNeighbor if label else sitk.sitkLinear,
+                        img.GetOrigin(), tuple(float(s) for s in reversed(spacing)), img.GetDirection(), 0.0,
+                        img.GetPixelID())
     return sitk.GetArrayFromImage(out), {**props, "spacing": tuple(float(s) for s in spacing)}
 
 
 def resample_onto(array: np.ndarray, props: dict, shape, target_props: dict, *, label: bool) -> np.ndarray:
     """Resample `array` (on the grid of `props`) onto the grid `shape` + `target_props`."""
-    ref = sitk.Image([int(s) for s in reversed(shape)], sitk.sitkUInt8)
-    ref.SetSpacing(tuple(reversed(target_props["spacing"])))
+    ref = sitk.Image([int(s) for s in reversed(shape)], sitk.sitkUInt8)  # a grid, no voxels to copy
+    ref.SetSpacing(tuple(float(s) for s in reversed(target_props["spacing"])))
     ref.SetOrigin(target_props["origin"])
     ref.SetDirection(target_props["direction"])
     out = sitk.Resample(to_sitk(array, props), ref, sitk.Transform(),
                         sitk.sitkNearestNeighbor if label else sitk.sitkLinear, 0.0)
     return sitk.GetArrayFromImage(out)
-
-
-def to_sitk(array: np.ndarray, props: dict) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    img.SetSpacing(tuple(float(s) for s in reversed(props["spacing"])))
-    img.SetOrigin(props["origin"])
-    img.SetDirection(props["direction"])
-    return img
 
 
 # ----------------------------------------------------------------------------- cases and layouts
@@ -155,7 +185,9 @@ def _is_hidden(p: Path) -> bool:
     return p.name.startswith((".", "_"))
 
 
-def _strip_suffix(name: str) -> str | None:
+def strip_image_suffix(name: str) -> str | None:
+    """The file name without its image suffix (`scan.nii.gz` -> `scan`); None when it has none
+    of IMAGE_SUFFIXES."""
     for s in IMAGE_SUFFIXES:
         if name.endswith(s):
             return name[: -len(s)]
@@ -178,7 +210,7 @@ def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_di
     if images_dir is not None:
         labels_dir = root / ("labelsTr" if images_dir.name == "imagesTr" else "labelsTs")
         for f in sorted(images_dir.iterdir()):
-            stem = _strip_suffix(f.name)
+            stem = strip_image_suffix(f.name)
             if _is_hidden(f) or stem is None or (stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000"):
                 continue  # hidden, not an image, or a second channel (<case>_0001)
             case_id = stem[:-5] if stem.endswith("_0000") else stem
@@ -208,6 +240,32 @@ def check_image(image: np.ndarray, path) -> np.ndarray:
     return image.astype(np.float32, copy=False)
 
 
+def binary_mask(array, name: str, foreground=(1,)) -> np.ndarray:
+    """A bool mask of `array`, every non-zero voxel of which must hold the same one of the
+    `foreground` values (bool arrays pass as they are). Only the non-zero voxels are inspected,
+    so a full-size volume with a small atrium costs no sort. Raises ValueError naming `name`
+    and the values found: the one check of every mask, in metrics, labels and predictions."""
+    a = np.asarray(array)
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind not in "uif":
+        raise ValueError(f"{name}: expected a binary mask, got dtype {a.dtype}")
+    values = np.unique(a[a != 0])  # NaN is non-zero, and never a foreground value
+    if values.size > 1 or (values.size == 1 and values[0] not in foreground):
+        shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if values.size > 6 else "")
+        expected = " or ".join(f"0 and {v}" for v in foreground)
+        raise ValueError(f"{name} is not a binary mask (non-zero values {shown}); expected {expected}")
+    return a.view(bool) if a.dtype.itemsize == 1 and values.size and values[0] == 1 else a != 0
+
+
+def read_mask(array: np.ndarray, path, what: str = "label") -> np.ndarray:
+    """uint8 {0, 1} of a mask read from `path` (0/1 or 0/255); anything else is a user error."""
+    try:
+        return binary_mask(array, f"{path}: {what}", LABEL_VALUES).astype(np.uint8)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def load_label(path, image_shape, image_props: dict) -> np.ndarray:
     """Read a label, check it against its image, and return it as uint8 {0, 1}
     (the LASC convention 0/255 is read as 0/1)."""
@@ -218,16 +276,7 @@ def load_label(path, image_shape, image_props: dict) -> np.ndarray:
     if not same_geometry(props, image_props):
         raise UserError(f"{path}: label geometry (spacing/origin/direction) differs from its image's; "
                         "resample the label onto the image grid")
-    return binary_label(label, path)
-
-
-def binary_label(label: np.ndarray, path) -> np.ndarray:
-    """uint8 {0, 1} from a label holding 0/1 or 0/255; anything else is a user error."""
-    values = np.unique(label)
-    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-        shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if len(values) > 6 else "")
-        raise UserError(f"{path}: label is not binary (values {shown}); expected 0/1 or 0/255")
-    return (label > 0).astype(np.uint8)
+    return read_mask(label, path)
 
 
 def load_case(case: Case, *, with_label: bool = True):
@@ -236,6 +285,17 @@ def load_case(case: Case, *, with_label: bool = True):
     image = check_image(image, case.image)
     label = load_label(case.label, image.shape, props) if with_label and case.label is not None else None
     return image, label, props
+
+
+def load_training_case(case: Case, spacing) -> tuple[np.ndarray, float, np.ndarray]:
+    """`(z-scored image, pad value, label)` of a labelled case at the training `spacing`; the
+    pad value is what a raw 0 becomes (see `zscore`)."""
+    image, label, props = load_case(case)
+    if not same_spacing(props["spacing"], spacing):
+        image, _ = resample(image, props, spacing, label=False)
+        label, _ = resample(label, props, spacing, label=True)
+    image, pad_value = zscore(image)
+    return image, pad_value, label
 
 
 def make_split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
@@ -252,13 +312,51 @@ def read_split(path, case_ids) -> dict[str, list[str]]:
         split = json.loads(Path(path).read_text())
         assert isinstance(split.get("train"), list) and isinstance(split.get("val"), list)
     except (OSError, ValueError, AssertionError, AttributeError):
-        raise UserError(f"--split {path}: not a split file; expected JSON {{\"train\": [...], \"val\": [...]}}") from None
+        raise UserError(f"--split {path}: not a split file; "
+                        "expected JSON {\"train\": [...], \"val\": [...]}") from None
     unknown = sorted(set(split["train"] + split["val"]) - set(case_ids))
     if unknown:
         raise UserError(f"--split {path}: case ids not in the data folder: {', '.join(unknown[:5])}")
     if not split["train"]:
         raise UserError(f"--split {path}: no training cases")
     return {"train": list(split["train"]), "val": list(split["val"])}
+
+
+# ----------------------------------------------------------------------------- masks
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every non-zero voxel of `mask`; None when it is empty.
+
+    One axis at a time on an already narrowed array, so that only the first projection reads
+    the whole volume."""
+    box = [slice(0, n) for n in mask.shape]
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(mask[tuple(box)].any(axis=other))
+        if hit.size == 0:
+            return None
+        box[axis] = slice(box[axis].start + int(hit[0]), box[axis].start + int(hit[-1]) + 1)
+    return tuple(box)
+
+
+def box_centre(box: tuple[slice, ...]) -> tuple[float, ...]:
+    """The centre of a box in voxel coordinates: [2, 6) -> 4.0 (stop is exclusive)."""
+    return tuple((s.start + s.stop) / 2 for s in box)
+
+
+def largest_component(mask: np.ndarray, *, connectivity: int) -> np.ndarray:
+    """The largest connected component of a (D, H, W) mask, same dtype, the rest zero.
+
+    `connectivity` 1 joins face neighbours (6-connected), 3 also edges and corners
+    (26-connected). Labelled inside the mask's bounding box only, so a full-size scan costs no
+    full-size label volume. Ties go to the component met first in (z, y, x) order."""
+    box = bounding_box(mask)
+    if box is None:
+        return np.zeros_like(mask)
+    labels, _ = ndimage.label(mask[box], structure=ndimage.generate_binary_structure(3, connectivity))
+    out = np.zeros_like(mask)
+    out[box] = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    return out
 
 
 # ----------------------------------------------------------------------------- geometric rules
@@ -288,11 +386,11 @@ def round_up(shape, multiple) -> tuple[int, int, int]:
 
 def pad_symmetric(array: np.ndarray, shape, value: float = 0.0) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Pad `array` to `shape`, half before and half after (the odd voxel after). Returns the
-    padded array and the padding before each axis, which `unpad` and the centres need."""
-    before = tuple((t - s) // 2 for s, t in zip(array.shape, shape))
-    assert min(before) >= 0, f"cannot pad {array.shape} to smaller {tuple(shape)}"
-    widths = [(b, t - s - b) for b, s, t in zip(before, array.shape, shape)]
-    return np.pad(array, widths, constant_values=value), before
+    padded array and the padding before each axis, which the locator's centres need."""
+    pad_before = tuple((t - s) // 2 for s, t in zip(array.shape, shape))
+    assert min(pad_before) >= 0, f"cannot pad {array.shape} to smaller {tuple(shape)}"
+    widths = [(b, t - s - b) for b, s, t in zip(pad_before, array.shape, shape)]
+    return np.pad(array, widths, constant_values=value), pad_before
 
 
 def downscale(array: np.ndarray, factors) -> np.ndarray:
@@ -310,28 +408,61 @@ def zscore(image: np.ndarray) -> tuple[np.ndarray, float]:
     return ((image - mean) / std).astype(np.float32), -mean / std
 
 
-def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """`(lo, hi)` voxel bounds of the foreground, `hi` exclusive; None when empty."""
-    coords = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(len(c) == 0 for c in coords):
-        return None
-    return np.array([c[0] for c in coords]), np.array([c[-1] + 1 for c in coords])
+def locator_input(image: np.ndarray, pad_value: float, factors, shape=None) -> tuple[np.ndarray, tuple]:
+    """The locator's view of a z-scored scan: padded symmetrically to `shape` (default: its
+    own shape rounded up to the pad multiple) with `pad_value`, then block-averaged by
+    `factors`. Returns `(low-resolution (d, h, w) float32, padding before each axis)`."""
+    shape = round_up(image.shape, pad_multiple(factors)) if shape is None else shape
+    padded, pad_before = pad_symmetric(image, shape, pad_value)
+    return downscale(padded, factors), pad_before
 
 
-def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
-    """The largest connected component of a (D, H, W) mask, same dtype, the rest zero.
+@dataclass(frozen=True)
+class Location:
+    """Where the locator puts the atrium of one scan: `centre` (z, y, x) in voxels of the scan,
+    and `extent` (d, h, w) in voxels of the located atrium, None when the locator found nothing
+    (the centre is then the volume's)."""
+    centre: tuple[float, float, float]
+    extent: tuple[int, int, int] | None
 
-    `connectivity` 1 joins face neighbours (6-connected), 3 also edges and corners
-    (26-connected). Labelled inside the mask's bounding box only, so a full-size scan costs no
-    full-size label volume. Ties go to the component met first in (z, y, x) order."""
-    box = bounding_box(mask)
+    @property
+    def found(self) -> bool:
+        return self.extent is not None
+
+    def larger_than(self, patch_size) -> bool:
+        return self.found and any(e > p for e, p in zip(self.extent, patch_size))
+
+    def record(self) -> dict:
+        """JSON form (`centres.json`): centre, extent and found."""
+        return {"centre": list(self.centre), "extent": None if self.extent is None else list(self.extent),
+                "found": self.found}
+
+
+def locate(prob: np.ndarray, factors, pad_before, shape, threshold: float = 0.5) -> Location:
+    """The atrium's `Location` in a scan of `shape` from the locator's low-resolution
+    probabilities.
+
+    Keeps the largest 6-connected component above `threshold`, scales its bounding box back
+    to full resolution (a low-resolution voxel i covers [i k, (i + 1) k)) and removes the
+    padding; its centre is the crop's centre. With nothing found, the volume's centre.
+    """
+    box = bounding_box(largest_component(prob >= threshold, connectivity=1))
     if box is None:
-        return np.zeros_like(mask)
-    inner = tuple(slice(lo, hi) for lo, hi in zip(*box))
-    labels, _ = ndimage.label(mask[inner], structure=ndimage.generate_binary_structure(3, connectivity))
-    out = np.zeros_like(mask)
-    out[inner] = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    return out
+        return Location(tuple((s - 1) / 2 for s in shape), None)
+    k, before = np.asarray(factors), np.asarray(pad_before)
+    lo = np.array([s.start for s in box]) * k - before
+    hi = np.array([s.stop for s in box]) * k - before
+    return Location(tuple(float(c) for c in (lo + hi) / 2), tuple(int(e) for e in hi - lo))
+
+
+def patch_size_for(extents, padding, limit) -> tuple[int, int, int]:
+    """The segmenter's fixed input size: the largest atrium extent plus the total margin
+    `padding`, rounded up to a multiple of 16, at most `limit` (the padded volume).
+
+    Example: patch_size_for([(60, 110, 180)], (30, 30, 30), (96, 640, 640)) -> (96, 144, 224).
+    """
+    largest = np.max(np.asarray(extents), axis=0)
+    return tuple(int(min(math.ceil((e + p) / 16) * 16, m)) for e, p, m in zip(largest, padding, limit))
 
 
 def crop_start(centre, size, shape) -> tuple[int, int, int]:
@@ -365,123 +496,3 @@ def paste(patch: np.ndarray, start, shape) -> np.ndarray:
     src = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(dst, start))
     out[dst] = patch[src]
     return out
-
-
-def patch_size_for(extents, padding, limit) -> tuple[int, int, int]:
-    """The segmenter's fixed input size: the largest atrium extent plus the total margin
-    `padding`, rounded up to a multiple of 16, at most `limit` (the padded volume).
-
-    Example: patch_size_for([(60, 110, 180)], (30, 30, 30), (96, 640, 640)) -> (96, 144, 224).
-    """
-    largest = np.max(np.asarray(extents), axis=0)
-    return tuple(int(min(math.ceil((e + p) / 16) * 16, m)) for e, p, m in zip(largest, padding, limit))
-
-
-def locator_input(image: np.ndarray, fill: float, factors, shape=None) -> tuple[np.ndarray, tuple]:
-    """The locator's view of a z-scored scan: padded symmetrically to `shape` (default: its
-    own shape rounded up to the pad multiple) with `fill`, then block-averaged by `factors`.
-    Returns `(low-resolution (d, h, w) float32, padding before each axis)`."""
-    shape = round_up(image.shape, pad_multiple(factors)) if shape is None else shape
-    padded, before = pad_symmetric(image, shape, fill)
-    return downscale(padded, factors), before
-
-
-def locate(prob: np.ndarray, factors, pad_before, threshold: float = 0.5) -> dict:
-    """Centre and extent of the atrium from the locator's low-resolution probabilities.
-
-    Keeps the largest 6-connected component above `threshold`, scales its bounding box back
-    to full resolution (a low-resolution voxel i covers [i k, (i + 1) k)) and removes the
-    padding. Returns {"centre": (z, y, x) voxels of the unpadded scan, "extent": (d, h, w)
-    voxels, "found": bool}; when nothing is found, centre and extent are None.
-    """
-    box = bounding_box(largest_component(prob >= threshold))
-    if box is None:
-        return {"centre": None, "extent": None, "found": False}
-    lo, hi = box
-    k, before = np.asarray(factors), np.asarray(pad_before)
-    lo, hi = lo * k - before, hi * k - before
-    return {"centre": tuple(float(c) for c in (lo + hi) / 2), "extent": tuple(int(e) for e in hi - lo),
-            "found": True}
-
-
-# ----------------------------------------------------------------------------- training data
-
-def load_training_case(case: Case, spacing) -> tuple[np.ndarray, float, np.ndarray]:
-    """`(z-scored image, fill, label)` of a training case at the training `spacing`."""
-    image, label, props = load_case(case)
-    if not np.allclose(props["spacing"], spacing, rtol=1e-3, atol=0):
-        image, _ = resample(image, props, spacing, label=False)
-        label, _ = resample(label, props, spacing, label=True)
-    image, fill = zscore(image)
-    return image, fill, label
-
-
-class EpochSampler:
-    """The samples of one epoch: `samples_per_epoch` case indices, every case as often as
-    possible, in an order drawn from (seed, epoch). Sample j of an epoch also gets its own
-    augmentation generator from (seed, epoch, j), so a run is reproducible whatever the
-    number of data-loader workers, and can be resumed at any epoch."""
-
-    def __init__(self, num_cases: int, samples_per_epoch: int, seed: int):
-        self.num_cases, self.samples, self.seed, self.epoch = num_cases, samples_per_epoch, seed, 0
-        self.plan = []
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        rng = np.random.default_rng([self.seed, epoch])
-        reps = -(-self.samples // self.num_cases)
-        self.plan = np.concatenate([rng.permutation(self.num_cases) for _ in range(reps)])[: self.samples].tolist()
-
-    def draw(self, j: int) -> tuple[int, np.random.Generator]:
-        return self.plan[j], np.random.default_rng([self.seed, self.epoch, j, 1])
-
-
-def training_item(image: np.ndarray, label: np.ndarray, distance_spacing=None) -> tuple:
-    """Tensors of one training sample: image (1, D, H, W) float32, label (1, D, H, W) {0, 1}
-    float32, and, when `distance_spacing` (mm, array order) is given, the label's signed
-    distance map (1, D, H, W) for the boundary losses, computed here in the data pipeline (a
-    data-loader worker) from the augmented label rather than in the training step."""
-    item = (torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32)))
-    if distance_spacing is not None:
-        item += (torch.from_numpy(signed_distance_map(label, distance_spacing)[None]),)
-    return item
-
-
-class LocatorSet(torch.utils.data.Dataset):
-    """Downscaled, padded training volumes for the locator, held in memory (they are small:
-    48x160x160 per LASC case). Items as `training_item`."""
-
-    def __init__(self, volumes: list[tuple[np.ndarray, np.ndarray]], sampler: EpochSampler, augment,
-                 distance_spacing=None):
-        self.volumes, self.sampler, self.augment = volumes, sampler, augment
-        self.distance_spacing = distance_spacing
-
-    def __len__(self):
-        return self.sampler.samples
-
-    def __getitem__(self, j):
-        i, rng = self.sampler.draw(j)
-        return training_item(*self.augment(*self.volumes[i], rng), self.distance_spacing)
-
-
-class SegmenterSet(torch.utils.data.Dataset):
-    """Fixed-size crops for the segmenter. Half the crops sit where the trained locator puts
-    them (what prediction will see), half on the ground truth's box; augmentation then moves
-    them further. `load(i)` returns `(image, fill, label)` of case i."""
-
-    def __init__(self, load, centres: list, gt_centres: list, patch_size, sampler: EpochSampler, augment,
-                 distance_spacing=None):
-        self.load, self.centres, self.gt_centres = load, centres, gt_centres
-        self.patch_size, self.sampler, self.augment = tuple(patch_size), sampler, augment
-        self.distance_spacing = distance_spacing
-
-    def __len__(self):
-        return self.sampler.samples
-
-    def __getitem__(self, j):
-        i, rng = self.sampler.draw(j)
-        image, fill, label = self.load(i)
-        centre = self.centres[i] if (self.centres[i] is not None and rng.random() < 0.5) else self.gt_centres[i]
-        start = crop_start(centre, self.patch_size, image.shape)
-        image, label = self.augment(crop(image, start, self.patch_size, fill), crop(label, start, self.patch_size, 0), rng)
-        return training_item(image, label, self.distance_spacing)

@@ -240,7 +240,8 @@ class SegmentationLoss:
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, distance_map: torch.Tensor | None = None,
                  weight: float = 1.0) -> torch.Tensor:
         if self.needs_distance_map and distance_map is None:
-            raise ValueError(f"the {self.name} loss needs the target's signed distance map (losses.signed_distance_map)")
+            raise ValueError(f"the {self.name} loss needs the target's signed distance map "
+                             "(losses.signed_distance_map)")
         if self.name == "Dice":
             return dice_loss(logits, target, squared=self.squared_dice)
         if self.name == "Focal":

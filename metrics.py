@@ -1,10 +1,13 @@
-"""Segmentation metrics of binary masks: overlap ratios and surface distances in millimetres.
+"""Segmentation metrics of binary masks: overlap ratios and surface distances in millimetres,
+and their summary over cases.
 
 numpy in, floats out. `compute_metrics` is the one entry point that evaluation, prediction
 and training share; `overlap_metrics` and `dice` are its voxel-counting part, cheap enough to
 call every validation epoch. Distances are exact Euclidean distances between surface voxel
 centres, scaled by the voxel spacing, found with nearest-neighbour queries between the two
 surface point sets inside the union's bounding box (no distance transform of the volume).
+How these definitions compare with MONAI's, medpy's, surface-distance's and SimpleITK's:
+docs/metrics.md.
 
 Empty-mask policy (tested in tests/test_metrics.py): no metric is ever NaN or inf, so a mean
 over cases never silently drops a case that a model got wrong.
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+from dataset import binary_mask, bounding_box
 
 METRIC_KEYS = ("dice", "iou", "precision", "recall", "specificity", "hd", "hd95", "assd")
 DISTANCE_KEYS = ("hd", "hd95", "assd")  # millimetres
@@ -62,40 +67,11 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
     return overlap_metrics(pred, target)["dice"]
 
 
-def _as_mask(array, name: str) -> np.ndarray:
-    """A bool view or copy of a mask holding only 0 and 1 (or False and True)."""
-    a = np.asarray(array)
-    if a.dtype == bool:
-        return a
-    if a.dtype.kind not in "uif":
-        raise ValueError(f"{name}: expected a binary mask, got dtype {a.dtype}")
-    if a.size:
-        lo, hi = a.min(), a.max()  # NaN fails both comparisons below
-        if not (lo >= 0 and hi <= 1) or (a.dtype.kind == "f" and np.any((a != 0) & (a != 1))):
-            raise ValueError(f"{name}: expected a binary mask of 0 and 1, found values in [{lo}, {hi}]")
-    return a.view(bool) if a.dtype.itemsize == 1 else a != 0
-
-
 def _check_spacing(spacing, ndim: int) -> np.ndarray:
     s = np.asarray(spacing, dtype=np.float64)
     if s.shape != (ndim,) or not np.all(np.isfinite(s)) or not np.all(s > 0):
         raise ValueError(f"spacing: expected {ndim} positive voxel sizes in mm (array order), got {spacing!r}")
     return s
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Slices of the smallest box holding every True voxel of `mask`; None when it is empty.
-
-    One axis at a time on an already narrowed array, so that only the first projection reads
-    the whole volume."""
-    box = [slice(0, n) for n in mask.shape]
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask[tuple(box)].any(axis=other))
-        if hit.size == 0:
-            return None
-        box[axis] = slice(box[axis].start + int(hit[0]), box[axis].start + int(hit[-1]) + 1)
-    return tuple(box)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -105,8 +81,8 @@ def surface(mask: np.ndarray) -> np.ndarray:
     Voxels outside the array count as background, so foreground on the array's border is
     surface. This equals `mask & ~scipy.ndimage.binary_erosion(mask)` with its default cross
     structuring element and `border_value=0`, the edges MONAI (`get_mask_edges`) and medpy
-    (connectivity 1) measure from; written with shifted slices because that is about three
-    times faster than the generic erosion (on an atrium's 51x154x209 bounding box).
+    (connectivity 1) measure from; written with shifted slices, which is faster than the
+    generic erosion.
     SimpleITK's BinaryContourImageFilter (face connectivity) marks the same voxels except on
     the image border, which it does not treat as background.
     """
@@ -165,31 +141,18 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, *, spacing) -> dict[st
       nearest voxel centre of S;
     - hd95: the larger of the two directed 95th percentiles, max(P95{d(a, dB)}, P95{d(b, dA)}),
       percentiles interpolated linearly between order statistics (numpy's and torch's
-      default); this is MONAI's `compute_hausdorff_distance(percentile=95)`;
+      default);
     - assd: average symmetric surface distance, the mean of all |dA| + |dB| distances pooled,
-      so each surface voxel weighs the same; MONAI's
-      `compute_average_surface_distance(symmetric=True)`.
+      so each surface voxel weighs the same.
 
-    How others differ, for comparing with published numbers:
-    - medpy (`medpy.metric.binary`): same surface voxels (erosion with connectivity 1) and hd,
-      but its hd95 is the 95th percentile of both directions' distances pooled (usually lower
-      than ours when one direction is much worse), its assd the mean of the two directed means
-      (each surface weighs half, whatever its size), and an empty mask raises an error.
-    - DeepMind's surface-distance: surfaces are surface elements between voxels (from 2x2x2
-      neighbourhoods, placed at voxel corners), each distance weighted by its element's area;
-      its robust Hausdorff takes an area-weighted percentile without interpolation per
-      direction, then the larger; its average surface distance is returned as the two directed
-      area-weighted means; an empty mask gives inf or NaN.
-    - SimpleITK's HausdorffDistanceImageFilter measures between all foreground voxels, not
-      surfaces: d(a, B) is 0 for a inside B. It agrees with our hd for convex shapes, and can be
-      far smaller when one mask has a hole or a tunnel that the other fills, whose walls are
-      surface deep inside the other mask (see tests/test_metrics.py).
+    MONAI 1.6 computes the same hd95 and assd, medpy 0.5.2 the same hd and assd but pools both
+    directions for its hd95; docs/metrics.md gives each peer's convention.
 
     Empty masks follow the module's policy: both empty -> ratios 1 and distances 0; one empty
     -> Dice 0 and every distance `worst_distance(shape, spacing)`. Raises ValueError for masks
     of different shapes, non-binary values, or a spacing that is not one positive size per axis.
     """
-    p, t = _as_mask(pred, "pred"), _as_mask(target, "target")
+    p, t = binary_mask(pred, "pred"), binary_mask(target, "target")
     if p.shape != t.shape:
         raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape")
     s = _check_spacing(spacing, p.ndim)
@@ -214,3 +177,27 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, *, spacing) -> dict[st
 def summarise(rows: list[dict[str, float]], keys) -> dict[str, tuple[float, float]]:
     """Mean and standard deviation (population) of each metric over cases."""
     return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+
+
+def _cell(key: str, value: float) -> str:
+    return f"{value:.2f}" if key in DISTANCE_KEYS else f"{value:.4f}"
+
+
+def _summary_cell(key: str, mean: float, std: float) -> str:
+    return f"{mean:.2f}+-{std:.2f}" if key in DISTANCE_KEYS else f"{mean:.3f}+-{std:.3f}"
+
+
+def format_table(rows: list[dict], keys=METRIC_KEYS) -> str:
+    """Per-case rows (each with a "case_id"), then mean +- std per metric, as the reference
+    write-up's results table, with the distances' unit below."""
+    stats = summarise(rows, keys)
+    table = [["case", *keys]]
+    table += [[r["case_id"], *(_cell(k, r[k]) for k in keys)] for r in rows]
+    table.append(["mean +- std", *(_summary_cell(k, *stats[k]) for k in keys)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+             for line in table]
+    distances = [k for k in keys if k in DISTANCE_KEYS]
+    if distances:
+        lines.append(f"({', '.join(distances)} in mm, between surface voxels)")
+    return "\n".join(lines)

@@ -1,15 +1,24 @@
-"""The epoch loop both stages of train.py share: optimiser, plateau scheduler, warm-up, mixed
-precision, validation, CSV log and curves, checkpoints, exact resume, and the few lines that
-make it run under `torchrun` (DistributedDataParallel: every process trains on its share of
-each epoch's samples and validation cases, gradients and scores are averaged across them, and
-only rank 0 writes files)."""
+"""Training of the two stages, under train.py's command line.
+
+Read top to bottom: the settings of a stage; the survey of a data set (shapes, spacing, atrium
+boxes, read from headers and labels); the locator's data (every case decoded once into its
+downscaled volumes) and its stage; the segmenter's data (every case decoded once, located once,
+and cut down to the region its crops can come from) and its stage; the torch datasets that draw
+an epoch's samples; the epoch loop both stages share (`fit`: optimiser, plateau scheduler,
+warm-up, mixed precision, validation, CSV log and curves, checkpoints, exact resume); and the few
+helpers that make it run under `torchrun` (DistributedDataParallel: every process trains on its
+share of each epoch's samples and validation cases, gradients and scores are averaged across
+them, and only rank 0 writes files).
+"""
 from __future__ import annotations
 
 import csv
 import math
 import os
+import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +26,635 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from losses import BoundarySchedule, SegmentationLoss
-from models import count_parameters, describe
-from utils import UserError, atomic_write, autocast_dtype, memory_format, rng_state, save_checkpoint, set_rng_state
+import dataset as ds
+import inference
+import plots
+from augment import Augmenter
+from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, BoundarySchedule, SegmentationLoss, signed_distance_map
+from metrics import dice
+from models import VNet, count_parameters, describe, model_arch
+from utils import UserError, atomic_write, write_json
 
+# The reference trains on 480 samples per epoch from 80 cases: each original and five augmented copies.
+SAMPLES_PER_CASE = 6
+# The segmenter keeps its cases' crop regions in memory while they take at most this many bytes
+# (a float32 image and a uint8 label of at least one patch: 15 MB per LASC case at 96x144x224);
+# past it, each sample is read from disk. `--cache_cases True/False` overrides it either way.
+CASE_CACHE_LIMIT = 2 * 2**30
 LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"]
 
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclass
+class StageSettings:
+    """What one stage's training loop needs; train.py fills one per stage from its flags."""
+    batch_size: int
+    learning_rate: float
+    patience: int                    # ReduceLROnPlateau patience, epochs
+    reduce: float                    # ReduceLROnPlateau factor
+    max_epochs: int
+    samples_per_epoch: int | None    # None: SAMPLES_PER_CASE per training case
+    loss_criterion: str              # losses.LOSS_NAMES
+    augment: Augmenter
+    focal_alpha: float = FOCAL_ALPHA
+    focal_gamma: float = FOCAL_GAMMA
+    squared_dice: bool = False
+    boundary_schedule: str = "epoch"  # the Hybrid loss's schedule (losses.BoundarySchedule)
+    boundary_step: float = 0.01
+    boundary_floor: float = BOUNDARY_FLOOR
+    boundary_start_dice: float = 0.8
+    warmup_epochs: float = 1.0
+    save_after_epochs: int = 50
+    num_workers: int = 0
+    compile: bool = False
+    seed: int = 0
+
+    def criterion(self) -> SegmentationLoss:
+        return SegmentationLoss(self.loss_criterion, self.focal_alpha, self.focal_gamma, self.squared_dice)
+
+    def schedule(self) -> BoundarySchedule | None:
+        """The Hybrid loss's Dice weight schedule; no other loss has a weight to schedule."""
+        if self.loss_criterion != "Hybrid":
+            return None
+        return BoundarySchedule(self.boundary_schedule, self.boundary_step, self.boundary_floor,
+                                self.boundary_start_dice)
+
+    def samples(self, num_train: int) -> int:
+        return self.samples_per_epoch or SAMPLES_PER_CASE * num_train
+
+
+@dataclass
+class LocatorSettings(StageSettings):
+    scale_factor: tuple = (0.5, 0.25, 0.25)  # downscaling of the locator's input, each 1/k
+
+
+@dataclass
+class SegmenterSettings(StageSettings):
+    patch_size: tuple | None = None       # None: derived from the atria and `padding`
+    padding: tuple = (30, 30, 30)         # total margin around the largest atrium, voxels
+    init_from_locator: bool = True        # start from the locator's weights where they fit
+    cache_cases: bool | None = None       # None: while under CASE_CACHE_LIMIT
+    augmentation_grid: str | None = None  # PNG of augmented crops to write first
+
+
+# ----------------------------------------------------------------------------- the data set
+
+@dataclass(frozen=True)
+class Survey:
+    """What the stages need to know of a data set before decoding any image: the training
+    spacing (the median, mm) and, at that spacing, each case's shape and atrium box."""
+    spacing: tuple[float, float, float]
+    shapes: dict[str, tuple[int, int, int]]
+    boxes: dict[str, tuple[slice, ...] | None]
+
+    def padded_shape(self, factors) -> tuple[int, int, int]:
+        """The largest shape, rounded up so that the locator's downscaled input divides by 16."""
+        return ds.round_up(np.max(list(self.shapes.values()), axis=0), ds.pad_multiple(factors))
+
+    def patch_size(self, ids, padding, factors) -> tuple[int, int, int]:
+        extents = [[s.stop - s.start for s in self.boxes[i]] for i in ids]
+        return ds.patch_size_for(extents, padding, self.padded_shape(factors))
+
+
+def read_survey(cases: list[ds.Case], train_ids) -> Survey:
+    """Image headers (shape, spacing) and labels (checked against their image, then their
+    atrium's box); a training case without an atrium is refused."""
+    headers = [ds.read_image_info(c.image) for c in tqdm(cases, desc="reading headers", unit="case",
+                                                          disable=not sys.stderr.isatty())]
+    spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props in headers], axis=0))
+    shapes, boxes = {}, {}
+    for case, (shape, props) in zip(cases, headers):
+        label = ds.load_label(case.label, shape, props)
+        if not ds.same_spacing(props["spacing"], spacing):
+            label, _ = ds.resample(label, props, spacing, label=True)
+        shapes[case.case_id], boxes[case.case_id] = label.shape, ds.bounding_box(label)
+        if boxes[case.case_id] is None and case.case_id in train_ids:
+            raise UserError(f"{case.label}: label is empty; every training case needs an atrium "
+                            "(or move it to 'val' in the split)")
+    return Survey(spacing, shapes, boxes)
+
+
+def training_item(image: np.ndarray, label: np.ndarray, distance_spacing=None) -> tuple:
+    """Tensors of one training sample: image (1, D, H, W) float32, label (1, D, H, W) {0, 1}
+    float32, and, when `distance_spacing` (mm, array order) is given, the label's signed
+    distance map (1, D, H, W) for the boundary losses, computed here in the data pipeline (a
+    data-loader worker) from the augmented label rather than in the training step."""
+    item = (torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32)))
+    if distance_spacing is not None:
+        item += (torch.from_numpy(signed_distance_map(label, distance_spacing)[None]),)
+    return item
+
+
+class EpochSampler:
+    """The samples of one epoch: `samples_per_epoch` case indices, every case as often as
+    possible, in an order drawn from (seed, epoch). Sample j of an epoch also gets its own
+    augmentation generator from (seed, epoch, j), so a run is reproducible whatever the
+    number of data-loader workers, and can be resumed at any epoch."""
+
+    def __init__(self, num_cases: int, samples_per_epoch: int, seed: int):
+        self.num_cases, self.samples, self.seed, self.epoch = num_cases, samples_per_epoch, seed, 0
+        self.plan = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        reps = -(-self.samples // self.num_cases)
+        self.plan = np.concatenate([rng.permutation(self.num_cases) for _ in range(reps)])[: self.samples].tolist()
+
+    def draw(self, j: int) -> tuple[int, np.random.Generator]:
+        return self.plan[j], np.random.default_rng([self.seed, self.epoch, j, 1])
+
+
+# ----------------------------------------------------------------------------- the locator
+
+@dataclass
+class LocatorCase:
+    """One case as the locator sees it, at low resolution: `low` and `low_label` padded to the
+    run's padded shape (its training input), `own_low` padded by the case's own shape as
+    prediction pads a scan, with `pad_before` and the full-resolution `shape` to map back."""
+    low: np.ndarray
+    low_label: np.ndarray
+    own_low: np.ndarray
+    pad_before: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+
+def load_locator_cases(cases: list[ds.Case], spacing, factors, padded_shape) -> dict[str, LocatorCase]:
+    """Decode every case once (validating it) into its low-resolution volumes; they are small
+    (48x160x160 per LASC case) and stay in memory for the whole stage."""
+    out = {}
+    for case in tqdm(cases, desc="locator data", unit="case", disable=not sys.stderr.isatty()):
+        image, pad_value, label = ds.load_training_case(case, spacing)
+        low, _ = ds.locator_input(image, pad_value, factors, padded_shape)
+        padded_label, _ = ds.pad_symmetric(label.astype(np.float32), padded_shape)
+        low_label = (ds.downscale(padded_label, factors) >= 0.5).astype(np.uint8)
+        own_low, pad_before = ds.locator_input(image, pad_value, factors)
+        out[case.case_id] = LocatorCase(low, low_label, own_low, pad_before, image.shape)
+    return out
+
+
+def train_locator(model: VNet, data: dict[str, LocatorCase], split, settings: LocatorSettings, run_dir: Path,
+                  survey: Survey, device, resume=None) -> tuple[Path, dict[str, ds.Location]]:
+    """Train the locator; returns its best checkpoint and where it puts every case (also written
+    to RUN/locator/centres.json), found as prediction finds them."""
+    factors = ds.downscale_factors(settings.scale_factor)
+    train_ids, val_ids = split["train"], split["val"]
+    low_spacing = tuple(s * k for s, k in zip(survey.spacing, factors))
+    train_set = VolumeSet([(data[i].low, data[i].low_label) for i in train_ids],
+                          EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed),
+                          settings.augment, low_spacing if settings.criterion().needs_distance_map else None)
+
+    def validate(net, rank, size):
+        return [dice(inference.probabilities(net, data[i].low, device) >= 0.5, data[i].low_label)
+                for i in val_ids[rank::size]]
+
+    config = {"role": "locator", "arch": model_arch(model), "scale_factor": list(settings.scale_factor),
+              "spacing": list(survey.spacing), "padded_shape": list(survey.padded_shape(factors)),
+              "loss": settings.loss_criterion}
+    best = fit("locator", model, train_set, validate, settings, run_dir / "locator", config, device, resume)
+    locator = inference.load_model(inference.load_checkpoint(best, "locator"), best, device)
+    locations = {cid: inference.locate(locator, c.own_low, c.pad_before, c.shape, factors, device)
+                 for cid, c in data.items()}
+    if is_main():
+        write_json(run_dir / "locator" / "centres.json", {cid: loc.record() for cid, loc in locations.items()})
+    return best, locations
+
+
+# ----------------------------------------------------------------------------- the segmenter
+
+@dataclass
+class Region:
+    """The part of a case that its crops can cover (the union of their windows inside the
+    volume), z-scored image and label, at `offset` in the case's volume of `shape`; what lies
+    outside it and inside a window is outside the volume and reads `pad_value`.
+    `label_voxels` counts the atrium in the whole volume, for a validation Dice of the whole
+    scan from the region alone."""
+    image: np.ndarray
+    label: np.ndarray
+    offset: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    pad_value: float
+    label_voxels: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.label.nbytes
+
+    def start(self, centre, size) -> tuple[int, int, int]:
+        """Start of the crop at `centre`, relative to the region."""
+        start = ds.crop_start(centre, size, self.shape)
+        assert all(max(a, 0) >= o and min(a + s, n) <= o + r for a, s, n, o, r in
+                   zip(start, size, self.shape, self.offset, self.image.shape)), "crop outside its region"
+        return tuple(a - o for a, o in zip(start, self.offset))
+
+    def crop(self, centre, size) -> tuple[np.ndarray, np.ndarray]:
+        start = self.start(centre, size)
+        return ds.crop(self.image, start, size, self.pad_value), ds.crop(self.label, start, size, 0)
+
+    def dice(self, pred_crop: np.ndarray, centre) -> float:
+        """Dice over the whole volume of a crop's mask pasted at `centre` (zero elsewhere)."""
+        pred = ds.paste(pred_crop, self.start(centre, pred_crop.shape), self.image.shape)
+        total = np.count_nonzero(pred) + self.label_voxels
+        return 2 * np.count_nonzero(pred & self.label) / total if total else 1.0
+
+
+@dataclass
+class SegmenterCase:
+    """Where a case's crops go: `location` from the locator (the volume's centre when it found
+    nothing), `gt_centre` the centre of the atrium's box; `region` when it is kept in memory."""
+    location: ds.Location
+    gt_centre: tuple | None
+    region: Region | None = None
+
+    def centres(self) -> list:
+        return [self.location.centre] + ([self.gt_centre] if self.gt_centre is not None else [])
+
+
+def cut_region(image: np.ndarray, pad_value: float, label: np.ndarray, centres, size) -> Region:
+    """The Region of a case covering crops of `size` at each of `centres`."""
+    starts = np.array([ds.crop_start(c, size, image.shape) for c in centres])
+    lo = np.maximum(starts.min(axis=0), 0)
+    hi = np.minimum(starts.max(axis=0) + np.asarray(size), image.shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    return Region(image[box].copy(), label[box].copy(), tuple(int(a) for a in lo), image.shape, pad_value,
+                  int(np.count_nonzero(label)))
+
+
+def load_region(case: ds.Case, spacing, seg_case: SegmenterCase, size) -> Region:
+    """Decode a case and cut its region (for a case not kept in memory)."""
+    image, pad_value, label = ds.load_training_case(case, spacing)
+    return cut_region(image, pad_value, label, seg_case.centres(), size)
+
+
+def load_segmenter_cases(cases, spacing, patch, settings: SegmenterSettings, locate) -> dict[str, SegmenterCase]:
+    """Decode every case once: find its crop's location (`locate(case_id, image, pad_value)`:
+    the locator stage's record, or the locator run now) and the atrium's centre, and keep its
+    region in memory while the regions stay under the cache limit (`settings.cache_cases`)."""
+    cache = settings.cache_cases is not False
+    limit = math.inf if settings.cache_cases else CASE_CACHE_LIMIT
+    out, kept = {}, 0
+    for case in tqdm(cases, desc="segmenter data", unit="case", disable=not sys.stderr.isatty()):
+        image, pad_value, label = ds.load_training_case(case, spacing)
+        box = ds.bounding_box(label)
+        seg_case = SegmenterCase(locate(case.case_id, image, pad_value), None if box is None else ds.box_centre(box))
+        if seg_case.location.larger_than(patch):
+            print(f"warning: case {case.case_id}: located atrium {seg_case.location.extent} is larger than "
+                  f"the patch {patch}")
+        if cache:
+            seg_case.region = cut_region(image, pad_value, label, seg_case.centres(), patch)
+            kept += seg_case.region.nbytes
+            if kept > limit:
+                print(f"the training cases' crop regions exceed {limit / 2**30:.1f} GiB: each sample is read "
+                      "from disk instead (--cache_cases True keeps them)")
+                cache = False
+                for c in out.values():
+                    c.region = None
+                seg_case.region = None
+        out[case.case_id] = seg_case
+    missed = [i for i, c in out.items() if not c.location.found]
+    if missed:
+        print(f"warning: the locator found no atrium in {len(missed)} case(s) ({', '.join(missed[:5])}); "
+              "their training crops use the ground truth's centre", file=sys.stderr)
+    return out
+
+
+def train_segmenter(model: VNet, cases, data: dict[str, SegmenterCase], split, settings: SegmenterSettings,
+                    run_dir: Path, spacing, patch, locator_ckpt: dict, locator_path, device, resume=None) -> Path:
+    """Train the segmenter on crops at the locator's centres and the atria's; validation Dice
+    of whole scans from the crop at the locator's centre, as prediction places it."""
+    by_id = {c.case_id: c for c in cases}
+    train_ids, val_ids = split["train"], split["val"]
+    train_set = SegmenterSet([by_id[i] for i in train_ids], [data[i] for i in train_ids], spacing, patch,
+                             EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
+                             settings.augment, spacing if settings.criterion().needs_distance_map else None)
+    if settings.augmentation_grid and is_main():
+        train_set.sampler.set_epoch(0)
+        plots.augmentation_grid(settings.augmentation_grid, [train_set[j][:2] for j in range(min(8, len(train_set)))])
+        print(f"augmented training crops: {settings.augmentation_grid}")
+
+    def validate(net, rank, size):
+        scores = []
+        for i in val_ids[rank::size]:
+            region = data[i].region or load_region(by_id[i], spacing, data[i], patch)
+            crop, _ = region.crop(data[i].location.centre, patch)
+            scores.append(region.dice(inference.probabilities(net, crop, device) >= 0.5, data[i].location.centre))
+        return scores
+
+    if resume is not None:  # the weights come from the checkpoint; keep its record of how they started
+        from_locator = bool(resume["config"].get("init_from_locator", False))
+    else:
+        from_locator = start_from_locator(model, locator_ckpt, settings.init_from_locator)
+    config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
+              "loss": settings.loss_criterion, "locator_path": str(locator_path), "init_from_locator": from_locator}
+    return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
+
+
+def start_from_locator(model: VNet, locator_ckpt: dict, wanted: bool) -> bool:
+    """Copy the trained locator's weights into the segmenter where they fit (a V-Net of the
+    same widths); returns whether it did."""
+    widths = locator_ckpt["config"]["arch"].get("base_channels")
+    if wanted and widths == model.arch["base_channels"]:
+        copied = model.load_matching(locator_ckpt["model"])
+        print(f"segmenter starts from the locator's weights ({copied} of {len(model.state_dict())} tensors)")
+        return True
+    if wanted:
+        print(f"note: the locator has --base_channels {widths}, the segmenter {model.arch['base_channels']}: "
+              "the segmenter starts from random weights")
+    return False
+
+
+# ----------------------------------------------------------------------------- torch datasets
+
+class VolumeSet(torch.utils.data.Dataset):
+    """Whole (image, label) volumes held in memory, augmented: the locator's downscaled,
+    padded training volumes. Items as `training_item`."""
+
+    def __init__(self, volumes: list[tuple[np.ndarray, np.ndarray]], sampler: EpochSampler, augment,
+                 distance_spacing=None):
+        self.volumes, self.sampler, self.augment = volumes, sampler, augment
+        self.distance_spacing = distance_spacing
+
+    def __len__(self):
+        return self.sampler.samples
+
+    def __getitem__(self, j):
+        i, rng = self.sampler.draw(j)
+        return training_item(*self.augment(*self.volumes[i], rng), self.distance_spacing)
+
+
+class SegmenterSet(torch.utils.data.Dataset):
+    """Fixed-size crops for the segmenter. Half the crops sit where the trained locator puts
+    them (what prediction will see), half on the ground truth's box; augmentation then moves
+    them further. A case's region comes from memory, or from disk when it is not kept."""
+
+    def __init__(self, cases: list[ds.Case], data: list[SegmenterCase], spacing, patch_size, sampler: EpochSampler,
+                 augment, distance_spacing=None):
+        self.cases, self.data, self.spacing, self.patch_size = cases, data, spacing, tuple(patch_size)
+        self.sampler, self.augment, self.distance_spacing = sampler, augment, distance_spacing
+
+    def __len__(self):
+        return self.sampler.samples
+
+    def __getitem__(self, j):
+        i, rng = self.sampler.draw(j)
+        seg_case = self.data[i]
+        region = seg_case.region or load_region(self.cases[i], self.spacing, seg_case, self.patch_size)
+        found = seg_case.location.found
+        centre = seg_case.location.centre if (found and rng.random() < 0.5) else seg_case.gt_centre
+        image, label = self.augment(*region.crop(centre, self.patch_size), rng)
+        return training_item(image, label, self.distance_spacing)
+
+
+# ----------------------------------------------------------------------------- the epoch loop
+
+@dataclass
+class Loop:
+    """Everything one stage's training loop carries from epoch to epoch."""
+    name: str
+    model: VNet
+    net: torch.nn.Module            # the model as trained: wrapped by DDP and/or compiled
+    train_set: torch.utils.data.Dataset
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    criterion: SegmentationLoss
+    schedule: BoundarySchedule | None
+    settings: StageSettings
+    stage_dir: Path
+    config: dict
+    device: torch.device
+    first_epoch: int = 1
+    best: float = -math.inf
+    step: int = 0
+    rows: list[dict] = field(default_factory=list)  # the log's rows so far
+
+
+def fit(name, model: VNet, train_set, validate, settings: StageSettings, stage_dir: Path, config: dict, device,
+        resume: dict | None = None) -> Path:
+    """Train `model` for the stage `name`; returns the path of its best checkpoint.
+
+    train_set: items (image, label[, distance_map]), each (1, D, H, W), with an EpochSampler at
+        `train_set.sampler`. validate(model, rank, size) -> per-case validation Dice of the
+        validation cases rank, rank + size, ... (this process's share).
+    resume: the stage's latest.pt; training goes on from the epoch after it.
+    """
+    loop = start_loop(name, model, train_set, settings, stage_dir, config, device, resume)
+    rank, size = rank_and_size()
+    epoch = loop.first_epoch
+    try:
+        for epoch in range(loop.first_epoch, settings.max_epochs + 1):
+            t0 = time.time()
+            weight = loop.schedule.weight if loop.schedule else None
+            train_loss = train_epoch(loop, epoch, weight)
+            model.eval()
+            scores = validate(model, rank, size)
+            end_epoch(loop, epoch, train_loss, scores, weight, time.time() - t0)
+    except KeyboardInterrupt:  # latest.pt is the last finished epoch, from which --resume is exact
+        done = f"{stage_dir / 'latest.pt'} holds epoch {epoch - 1}" if epoch > 1 else "no epoch finished"
+        raise UserError(f"{name} interrupted in epoch {epoch}: {done}; continue with "
+                        f"python train.py --resume {stage_dir.parent}") from None
+    if size > 1:
+        check_in_sync(model, name)
+        dist.barrier()  # the best checkpoint exists for every process once rank 0 has written it
+    return stage_dir / "best.pt"
+
+
+def start_loop(name, model, train_set, settings: StageSettings, stage_dir: Path, config, device, resume) -> Loop:
+    """Set up a stage: the data-dependent start of a fresh model, DDP, the loader, Adam, the
+    plateau scheduler, the loss scaler, and what a resumed run restores."""
+    rank, size = rank_and_size()
+    fmt = inference.memory_format(device)
+    model.to(device, memory_format=fmt)
+    if resume is None:  # every process draws the same batch, so all start from the same weights
+        train_set.sampler.set_epoch(1)
+        batch = torch.stack([train_set[j][0] for j in range(min(settings.batch_size, len(train_set)))])
+        model.unit_variance_init(batch.to(device, memory_format=fmt))
+    net = model
+    if size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        net = torch.compile(net)
+    loader = torch.utils.data.DataLoader(RankShare(train_set, rank, size), batch_size=settings.batch_size,
+                                         shuffle=False, num_workers=settings.num_workers,
+                                         pin_memory=device.type == "cuda")
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=settings.patience,
+                                                           factor=settings.reduce)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and
+                                  inference.autocast_dtype(device) == torch.float16)
+    loop = Loop(name, model, net, train_set, loader, optimizer, scheduler, scaler, settings.criterion(),
+                settings.schedule(), settings, stage_dir, config, device)
+    log_path = stage_dir / "log.csv"
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if loop.schedule is not None:
+            loop.schedule.load_state_dict(resume["boundary_schedule"])
+        scaler.load_state_dict(resume.get("scaler", {}))
+        set_rng_state(resume["rng"])
+        loop.first_epoch, loop.best = resume["epoch"] + 1, resume.get("best_score", resume.get("best_dice"))
+        loop.rows = [r for r in read_log(log_path) if int(r["epoch"]) < loop.first_epoch] if log_path.exists() else []
+        loop.step = resume["epoch"] * len(loader)
+        print(f"{name}: resuming after epoch {resume['epoch']} of {settings.max_epochs}")
+    if rank == 0:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_log(log_path, loop.rows)
+        processes = f" over {size} processes" if size > 1 else ""
+        print(f"{name} {describe(config['arch'])}: parameters: {count_parameters(model):,}; {config['loss']} loss, "
+              f"{settings.max_epochs} epochs of {len(train_set)} samples{processes}")
+    return loop
+
+
+def train_epoch(loop: Loop, epoch: int, weight: float | None) -> float:
+    """One pass over the epoch's samples; returns the mean training loss over all processes.
+
+    Adam's first steps are nearly sign updates; in a V-Net without normalisation they move every
+    5x5x5 filter coherently and can blow the logits up, so the learning rate rises linearly over
+    the first `warmup_epochs`."""
+    settings, device = loop.settings, loop.device
+    warmup_steps = round(settings.warmup_epochs * len(loop.loader))
+    amp, amp_dtype, fmt = device.type == "cuda", inference.autocast_dtype(device), inference.memory_format(device)
+    loop.train_set.sampler.set_epoch(epoch)
+    loop.net.train()
+    losses = []
+    try:
+        for image, label, *distance in tqdm(loop.loader, desc=f"{loop.name} {epoch}/{settings.max_epochs}",
+                                            leave=False, disable=not is_main() or not sys.stderr.isatty()):
+            image = image.to(device, non_blocking=True, memory_format=fmt)
+            label = label.to(device, non_blocking=True)
+            distance = distance[0].to(device, non_blocking=True) if distance else None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                logits = loop.net(image)
+            loss = loop.criterion(logits.float(), label, distance, 1.0 if weight is None else weight)
+            if not torch.isfinite(loss):
+                raise UserError(f"{loop.name} epoch {epoch}: the loss became {loss.item()}; training stopped, the "
+                                f"last good checkpoint is {loop.stage_dir / 'latest.pt'}; lower --learning_rate "
+                                "and retrain")
+            loop.optimizer.zero_grad(set_to_none=True)
+            loop.scaler.scale(loss).backward()
+            loop.step += 1
+            if loop.step <= warmup_steps:
+                for group in loop.optimizer.param_groups:
+                    group["lr"] = settings.learning_rate * loop.step / warmup_steps
+            loop.scaler.step(loop.optimizer)
+            loop.scaler.update()
+            losses.append(loss.item())
+    except torch.OutOfMemoryError:
+        flag = "--locator_batch_size" if loop.name == "locator" else "--batch_size (or --patch_size)"
+        raise UserError(f"{loop.name}: out of {device.type} memory with batches of {settings.batch_size}; "
+                        f"lower {flag}") from None
+    loss_sum, loss_count = sum_across(float(np.sum(losses)), len(losses))
+    return loss_sum / loss_count
+
+
+def end_epoch(loop: Loop, epoch: int, train_loss: float, scores: list[float], weight: float | None,
+              seconds: float) -> None:
+    """Step the schedulers on the epoch's score (validation Dice, or 1 - training loss without
+    validation cases), log the epoch, write the checkpoints and redraw the curves."""
+    score_sum, score_count = sum_across(float(np.sum(scores)), len(scores))
+    val_dice = score_sum / score_count if score_count else None
+    score = val_dice if val_dice is not None else 1 - train_loss
+    loop.scheduler.step(score)
+    if loop.schedule is not None:
+        loop.schedule.step(score)
+    best_before, loop.best = loop.best, max(loop.best, score)
+    row = {"epoch": str(epoch), "train_loss": f"{train_loss:.5f}",
+           "val_dice": "" if val_dice is None else f"{val_dice:.5f}",
+           "learning_rate": f"{loop.optimizer.param_groups[0]['lr']:.3g}",
+           "boundary_weight": "" if weight is None else f"{weight:.4g}", "seconds": f"{seconds:.1f}"}
+    loop.rows.append(row)
+    if not is_main():
+        return
+    state = {"epoch": epoch, "best_score": loop.best, "score_name": "val_dice" if val_dice is not None else
+             "1 - train_loss", "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+             "boundary_schedule": loop.schedule.state_dict() if loop.schedule else None,
+             "scaler": loop.scaler.state_dict(), "rng": rng_state()}
+    write_log(loop.stage_dir / "log.csv", loop.rows)
+    if score > best_before:
+        save_checkpoint(loop.stage_dir / "best.pt", loop.model, loop.config, **state)
+    if epoch % loop.settings.save_after_epochs == 0:
+        save_checkpoint(loop.stage_dir / f"epoch_{epoch:04d}.pt", loop.model, loop.config, **state)
+    save_checkpoint(loop.stage_dir / "latest.pt", loop.model, loop.config, **state)  # last: it marks the epoch done
+    plots.training_curves(loop.stage_dir / "curves.png", loop.rows)
+    print(f"{loop.name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {row['val_dice'] or '-'}  "
+          f"({row['seconds']} s)", flush=True)
+
+
+def read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, config: dict, **extra) -> None:
+    """Save `{"format", "model": state_dict, "config": config, **extra}` atomically.
+
+    `config` holds everything that rebuilds the model and its pre-processing, so a
+    checkpoint alone is enough for `predict.py`.
+    """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": inference.CHECKPOINT_FORMAT, "model": state, "config": config, **extra}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every random state a training run draws from (Python, NumPy, torch CPU and CUDA), in
+    types that `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {"python": [version, list(internal), py_gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)),
+             pos, has_gauss, gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_device(device_name: str, deterministic: bool) -> torch.device:
+    """The training device: all CPU threads to torch, the process group under torchrun (each
+    process on its own GPU), and deterministic algorithms when asked."""
+    inference.set_cpu_threads()
+    init_distributed(device_name)
+    device = inference.resolve_device(device_name)
+    if device.type == "cuda" and rank_and_size()[1] > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic
+    return device
+
+
+# ----------------------------------------------------------------------------- several processes
 
 def rank_and_size() -> tuple[int, int]:
     """This process's rank and the number of processes (0, 1 without torchrun)."""
@@ -42,6 +674,12 @@ def init_distributed(device_name: str) -> None:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def barrier() -> None:
+    """Wait for every process (nothing without torchrun)."""
+    if rank_and_size()[1] > 1:
+        dist.barrier()
 
 
 def sum_across(*values: float) -> list[float]:
@@ -66,156 +704,6 @@ class RankShare(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         return self.dataset[(self.rank + k * self.size) % len(self.dataset)]
-
-
-def read_log(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))[1:]
-
-
-def write_log(path: Path, rows) -> None:
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS, *rows])
-    atomic_write(path, write)
-
-
-def plot_curves(rows, path: Path) -> None:
-    """curves.png: training loss and validation Dice per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r[0]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(epochs, [float(r[1]) for r in rows], label="training loss")
-    if any(r[2] for r in rows):
-        ax.plot([e for e, r in zip(epochs, rows) if r[2]], [float(r[2]) for r in rows if r[2]], label="validation Dice")
-    ax.set_xlabel("epoch")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
-def fit(name, model, train_set, validate, settings, args, run_dir: Path, config: dict, device,
-        resume: dict | None = None) -> Path:
-    """Train `model` for the stage `name`; returns the path of its best checkpoint.
-
-    train_set: items (image, label[, distance_map]), each (1, D, H, W), with an EpochSampler at
-        `train_set.sampler`. validate(model, share) -> list of per-case validation Dice over
-        this process's share of the validation cases (`share(ids)` picks it).
-    resume: the stage's latest.pt; training goes on from the epoch after it.
-    """
-    rank, size = rank_and_size()
-    criterion = SegmentationLoss(config["loss"], args.focal_alpha, args.focal_gamma, args.squared_dice)
-    schedule = BoundarySchedule(args.boundary_schedule, args.boundary_step, args.boundary_floor, args.boundary_start_dice)
-    fmt = memory_format(device)
-    model.to(device, memory_format=fmt)
-    if resume is None:  # every process draws the same batch, so all start from the same weights
-        train_set.sampler.set_epoch(1)
-        batch = torch.stack([train_set[j][0] for j in range(min(settings.batch_size, len(train_set)))])
-        model.unit_variance_init(batch.to(device, memory_format=fmt))
-    net = model
-    if size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
-    loader = torch.utils.data.DataLoader(RankShare(train_set, rank, size), batch_size=settings.batch_size,
-                                         shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=settings.patience, factor=settings.reduce)
-    amp, amp_dtype = device.type == "cuda", autocast_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
-    # Adam's first steps are nearly sign updates; in a V-Net without normalisation they move
-    # every 5x5x5 filter coherently and can blow the logits up into an all-background output.
-    # A short linear warm-up avoids that (seen at --base_channels 8, lr 3e-4 on the phantoms).
-    warmup_steps = round(args.warmup_epochs * len(loader))
-    stage_dir = run_dir / name
-    log_path = stage_dir / "log.csv"
-    first, best, rows = 1, -math.inf, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        schedule.load_state_dict(resume["boundary_schedule"])
-        scaler.load_state_dict(resume.get("scaler", {}))
-        set_rng_state(resume["rng"])
-        first, best = resume["epoch"] + 1, resume["best_dice"]
-        rows = [r for r in read_log(log_path) if int(r[0]) < first] if log_path.exists() else []
-        print(f"{name}: resuming after epoch {resume['epoch']} of {settings.max_epochs}")
-    if rank == 0:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_log(log_path, rows)
-        print(f"{name} {describe(config['arch'])}: parameters: {count_parameters(model):,}; {config['loss']} loss, "
-              f"{settings.max_epochs} epochs of {settings.samples} samples" + (f" over {size} processes" if size > 1 else ""))
-    step = (first - 1) * len(loader)
-    epoch = first
-    try:
-        for epoch in range(first, settings.max_epochs + 1):
-            t0 = time.time()
-            train_set.sampler.set_epoch(epoch)
-            net.train()
-            losses = []
-            weight = schedule.weight
-            try:
-                for image, label, *distance in tqdm(loader, desc=f"{name} {epoch}/{settings.max_epochs}", leave=False,
-                                                    disable=rank != 0 or not sys.stderr.isatty()):
-                    image = image.to(device, non_blocking=True, memory_format=fmt)
-                    label = label.to(device, non_blocking=True)
-                    distance = distance[0].to(device, non_blocking=True) if distance else None
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                        logits = net(image)
-                    loss = criterion(logits.float(), label, distance, weight)
-                    if not torch.isfinite(loss):
-                        raise UserError(f"{name} epoch {epoch}: the loss became {loss.item()}; training stopped, the last "
-                                        f"good checkpoint is {stage_dir / 'latest.pt'}; lower --learning_rate and retrain")
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    step += 1
-                    if step <= warmup_steps:
-                        for group in opt.param_groups:
-                            group["lr"] = settings.lr * step / warmup_steps
-                    scaler.step(opt)
-                    scaler.update()
-                    losses.append(loss.item())
-            except torch.OutOfMemoryError:
-                flag = "--locator_batch_size" if name == "locator" else "--batch_size (or --patch_size)"
-                raise UserError(f"{name}: out of {device.type} memory with batches of {settings.batch_size}; "
-                                f"lower {flag}") from None
-            loss_sum, loss_count = sum_across(float(np.sum(losses)), len(losses))
-            train_loss = loss_sum / loss_count
-            model.eval()
-            scores = validate(model, lambda ids: ids[rank::size])
-            score_sum, score_count = sum_across(float(np.sum(scores)), len(scores))
-            val_dice = score_sum / score_count if score_count else None
-            score = val_dice if val_dice is not None else 1 - train_loss
-            sched.step(score)
-            schedule.step(score)
-            best_before, best = best, max(best, score)
-            rows.append([epoch, f"{train_loss:.5f}", "" if val_dice is None else f"{val_dice:.5f}",
-                         f"{opt.param_groups[0]['lr']:.3g}", f"{weight:.4g}", f"{time.time() - t0:.1f}"])
-            if rank == 0:
-                state = {"epoch": epoch, "best_dice": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "boundary_schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state()}
-                write_log(log_path, rows)
-                if score > best_before:
-                    save_checkpoint(stage_dir / "best.pt", model, config, **state)
-                if epoch % args.save_after_epochs == 0:
-                    save_checkpoint(stage_dir / f"epoch_{epoch:04d}.pt", model, config, **state)
-                save_checkpoint(stage_dir / "latest.pt", model, config, **state)  # last: it marks the epoch as done
-                plot_curves(rows, stage_dir / "curves.png")
-                print(f"{name} epoch {epoch:>3}: loss {train_loss:.4f}  val dice {rows[-1][2] or '-'}  ({rows[-1][-1]} s)",
-                      flush=True)
-    except KeyboardInterrupt:  # latest.pt is the last finished epoch, from which --resume is exact
-        done = f"{stage_dir / 'latest.pt'} holds epoch {epoch - 1}" if epoch > first or first > 1 else "no epoch finished"
-        raise UserError(f"{name} interrupted in epoch {epoch}: {done}; continue with "
-                        f"python train.py --resume {run_dir}") from None
-    if size > 1:
-        check_in_sync(model, name)
-        dist.barrier()  # the best checkpoint exists for every process once rank 0 has written it
-    return stage_dir / "best.pt"
 
 
 def check_in_sync(model, name: str) -> None:

@@ -26,10 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import cpu_name, replace_section, sync  # noqa: E402  (benchmarks/ is sys.path[0])
-
+from inference import memory_format, resolve_device  # noqa: E402
 from losses import LOSSES, signed_distance_map  # noqa: E402
 from models import VNet, count_parameters, describe, model_arch  # noqa: E402
-from utils import memory_format, resolve_device  # noqa: E402
 
 HEADING = "## Losses (benchmarks/bench_losses.py)"
 

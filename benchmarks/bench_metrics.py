@@ -34,7 +34,6 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import cpu_name, publish  # noqa: E402  (benchmarks/ is sys.path[0])
-
 from metrics import compute_metrics  # noqa: E402
 
 HEADING = "## Metrics (benchmarks/bench_metrics.py)"
@@ -70,14 +69,14 @@ def blob(shape, centre, radii, roughness: float, rng: np.random.Generator) -> np
     voxels wide), drawn only in a box around it so that a full-size volume is quick to make."""
     lo = [max(0, int(c - 1.5 * r)) for c, r in zip(centre, radii)]
     hi = [min(n, int(c + 1.5 * r) + 1) for n, c, r in zip(shape, centre, radii)]
-    size = [h - l for l, h in zip(lo, hi)]
-    grid = np.ogrid[tuple(slice(l, h) for l, h in zip(lo, hi))]
+    size = [b - a for a, b in zip(lo, hi)]
+    grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
     r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
     coarse = rng.standard_normal([max(2, n // 12) for n in size])
     noise = ndimage.zoom(coarse, [n / m for n, m in zip(size, coarse.shape)], order=3)
     noise = noise[tuple(slice(0, n) for n in size)]  # zoom may round one voxel up
     mask = np.zeros(shape, np.uint8)
-    mask[tuple(slice(l, h) for l, h in zip(lo, hi))] = r2 < 1 + roughness * noise
+    mask[tuple(slice(a, b) for a, b in zip(lo, hi))] = r2 < 1 + roughness * noise
     return mask
 
 

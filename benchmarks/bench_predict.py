@@ -12,8 +12,9 @@ section of BENCHMARKS.md.
     .venv-bench/bin/python benchmarks/bench_predict.py --shape 48 128 128 --no_write   # a quick look
 
 Timing (one 88x640x640 phantom at 0.625 mm written as a uint8 nrrd, as LASC scans are): each arm
-goes from the file on disk to the mask on disk. Ours is `predict.predict_case`: read, z-score,
-pad and downscale, locator, centre, one 96x144x224 crop, segmenter, paste, threshold, write.
+goes from the file on disk to the mask on disk. Ours is predict.py's path for one scan (read,
+`inference.predict_two_stage`: z-score, pad and downscale, locator, centre, one 96x144x224 crop,
+segmenter, paste; then threshold, write).
 MONAI's reads and z-scores the same way, then `sliding_window_inference(roi_size=(96, 144, 224),
 overlap=0.5, sw_batch_size=1)` of the segmenter over the whole volume (probabilities averaged
 over overlapping windows, MONAI's constant blending), threshold 0.5, write. Both use the full
@@ -25,7 +26,7 @@ both alike; on CUDA both run under bf16 autocast.
 Memory: peak resident set size (ru_maxrss read with wait4) of `predict.py` itself predicting one
 case, and a folder of two, each in a fresh process started by a small launcher (a child's
 ru_maxrss would otherwise start at this benchmark's own size); against a process that only
-imports predict.py and loads the two models.
+imports what predict.py imports and loads the two models.
 
 Accuracy (`--dice_run`, `--dice_data`): a small trained run (e.g. the commands above) predicts
 held-out phantoms both ways, ours as predict.py does and MONAI's sliding window of the same
@@ -43,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -53,18 +53,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset as ds  # noqa: E402
-import phantoms  # noqa: E402
-import predict  # noqa: E402
+import inference  # noqa: E402
+import synthetic  # noqa: E402
+from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
 from metrics import compute_metrics  # noqa: E402
 from models import VNet, count_parameters, model_arch  # noqa: E402
-from utils import autocast_dtype, save_checkpoint  # noqa: E402
-
-from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from training import save_checkpoint  # noqa: E402
 
 HEADING = "## Prediction (benchmarks/bench_predict.py)"
 TARGET_RATIO = 5.0
 ROI = (96, 144, 224)
-FACTORS = (2, 4, 4)
+SCALE_FACTOR = (0.5, 0.25, 0.25)
+FACTORS = ds.downscale_factors(SCALE_FACTOR)
 SPACING = (0.625, 0.625, 0.625)
 MIB = 2**20
 
@@ -103,7 +103,7 @@ def write_checkpoints(folder: Path, patch) -> tuple[Path, Path]:
     for seed, role in ((1, "locator"), (2, "segmenter")):
         torch.manual_seed(seed)
         model = VNet(base_channels=8)
-        config = {"role": role, "arch": model_arch(model), "spacing": list(SPACING), "factors": list(FACTORS)}
+        config = {"role": role, "arch": model_arch(model), "spacing": list(SPACING), "scale_factor": list(SCALE_FACTOR)}
         if role == "segmenter":
             config["patch_size"] = list(patch)
         save_checkpoint(folder / f"{role}.pt", model, config)
@@ -111,11 +111,12 @@ def write_checkpoints(folder: Path, patch) -> tuple[Path, Path]:
     return tuple(paths)
 
 
-def ours_arm(pipe: predict.Pipeline, scan: Path, out: Path) -> float:
-    settings = types.SimpleNamespace(largest_component=False, label_value=1)
-    case = ds.Case("scan", scan, None)
+def ours_arm(pipe: inference.TwoStage, scan: Path, out: Path) -> float:
+    """predict.py's path for one scan and its mask, file to file."""
     t0 = time.perf_counter()
-    predict.predict_case(pipe, case, predict.output_paths(out), {"mask"}, settings)
+    image, props = ds.read_image(scan)
+    prob, _ = inference.predict_two_stage(pipe, ds.check_image(image, scan), props)
+    ds.write_image(inference.to_mask(prob), props, out)
     sync(pipe.device)
     return time.perf_counter() - t0
 
@@ -126,11 +127,12 @@ def sliding_window_probs(model, image: np.ndarray, roi, device) -> np.ndarray:
     from monai.inferers import sliding_window_inference
 
     x = torch.from_numpy(image)[None, None].to(device)  # (1, 1, D, H, W)
-    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype(device),
+    fmt = inference.memory_format(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=inference.autocast_dtype(device),
                                          enabled=device.type == "cuda"):
         probs = sliding_window_inference(
             x, roi_size=roi, sw_batch_size=1, overlap=0.5, mode="constant",
-            predictor=lambda w: torch.sigmoid(model(w.contiguous(memory_format=predict.memory_format(device))).float()))
+            predictor=lambda w: torch.sigmoid(model(w.contiguous(memory_format=fmt)).float()))
     return probs[0, 0].float().cpu().numpy()
 
 
@@ -144,7 +146,7 @@ def monai_arm(model, scan: Path, out: Path, device) -> float:
     return time.perf_counter() - t0
 
 
-def stage_times(pipe: predict.Pipeline, scan: Path, out: Path) -> dict[str, float]:
+def stage_times(pipe: inference.TwoStage, scan: Path, out: Path) -> dict[str, float]:
     """Seconds of each step of our pipeline on one case (an extra, separately timed run)."""
     t = {}
     t0 = time.perf_counter()
@@ -152,12 +154,12 @@ def stage_times(pipe: predict.Pipeline, scan: Path, out: Path) -> dict[str, floa
     image = ds.check_image(image, scan)
     t["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    work, fill = ds.zscore(image)
-    loc = predict.locate_case(pipe, work, fill)
+    work, pad_value = ds.zscore(image)
+    location = inference.locate_scan(pipe, work, pad_value)
     sync(pipe.device)
     t["z-score + locator"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prob = predict.segment_at(pipe, work, fill, loc["centre"])
+    prob = inference.segment_at(pipe, work, pad_value, location.centre)
     sync(pipe.device)
     t["crop + segmenter + paste"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -182,12 +184,13 @@ def memory(locator: Path, segmenter: Path, scan: Path, workdir: Path, patch) -> 
         (two / name).mkdir(parents=True, exist_ok=True)
         os.link(scan, two / name / "lgemri.nrrd")
     models = ["--locator_path", str(locator), "--segmenter_path", str(segmenter), "--device", "cpu"]
-    load_only = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); import predict; "
-                 f"predict.set_cpu_threads(); predict.load_pipeline({str(locator)!r}, {str(segmenter)!r}, "
+    load_only = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r}); "
+                 "import dataset, inference, metrics, plots, utils; "  # what predict.py imports
+                 f"inference.set_cpu_threads(); inference.load_two_stage({str(locator)!r}, {str(segmenter)!r}, "
                  "torch.device('cpu'))")
     one_crop = (f"{load_only}.segmenter; import numpy; "
-                f"predict.infer(_, numpy.zeros({tuple(patch)}, numpy.float32), torch.device('cpu'))")
-    one_crop = one_crop.replace("predict.load_pipeline", "_ = predict.load_pipeline", 1)
+                f"inference.probabilities(_, numpy.zeros({tuple(patch)}, numpy.float32), torch.device('cpu'))")
+    one_crop = one_crop.replace("inference.load_two_stage", "_ = inference.load_two_stage", 1)
     return {"models loaded, no case": peak_rss([sys.executable, "-c", load_only], workdir, "base"),
             "models loaded, one segmenter pass on a zero crop": peak_rss([sys.executable, "-c", one_crop], workdir,
                                                                         "crop"),
@@ -199,11 +202,11 @@ def memory(locator: Path, segmenter: Path, scan: Path, workdir: Path, patch) -> 
 
 def dice_comparison(run: Path, data: Path, device) -> dict:
     """Dice and HD95 of our pipeline and of MONAI's sliding window (same trained segmenter)."""
-    pipe = predict.load_pipeline(run / "locator" / "best.pt", run / "segmenter" / "best.pt", device)
+    pipe = inference.load_two_stage(run / "locator" / "best.pt", run / "segmenter" / "best.pt", device)
     scores = {"ours": [], "MONAI sliding window": []}
     for case in ds.find_cases(data, require_labels=True):
         image, label, props = ds.load_case(case)
-        prob, _ = predict.segment(pipe, image, props)
+        prob, _ = inference.predict_two_stage(pipe, image, props)
         scores["ours"].append(compute_metrics(prob >= 0.5, label, spacing=props["spacing"]))
         z, _ = ds.zscore(image)
         swi = sliding_window_probs(pipe.segmenter, z, pipe.patch_size, device)
@@ -219,7 +222,7 @@ def mean_std(values) -> str:
 def main(argv=None):
     args = parse_args(argv)
     import monai
-    predict.set_cpu_threads()
+    inference.set_cpu_threads()
     device = torch.device(args.device)
     shape = tuple(args.shape)
     patch = tuple(min(r, ds.round_up(shape, ds.pad_multiple(FACTORS))[i]) for i, r in enumerate(ROI))
@@ -227,13 +230,13 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     print(f"work folder {work}", flush=True)
 
-    image, _ = phantoms.make_phantom(shape, SPACING, np.random.default_rng(0))
+    image, _ = synthetic.make_phantom(shape, SPACING, np.random.default_rng(0))
     scan = work / "scan.nrrd"
     ds.write_image(np.clip(np.rint(image), 0, 255).astype(np.uint8),
                    {"spacing": SPACING, "origin": (0.0, 0.0, 0.0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)}, scan)
     del image
     locator, segmenter = write_checkpoints(work, patch)
-    pipe = predict.load_pipeline(locator, segmenter, device)
+    pipe = inference.load_two_stage(locator, segmenter, device)
     params = count_parameters(pipe.segmenter)
 
     ours_arm(pipe, scan, work / "warm.nrrd")  # untimed: first-call allocations and kernel choice
@@ -274,7 +277,7 @@ def main(argv=None):
         f"Both arms run the same full-width V-Net segmenter (`base_channels` 8, {params:,} parameters, untrained "
         f"seeded weights: time does not depend on them). Ours: read, z-score, locator (the same V-Net on "
         f"{'x'.join(str(s // k) for s, k in zip(ds.round_up(shape, ds.pad_multiple(FACTORS)), FACTORS))}), "
-        f"one {'x'.join(map(str, patch))} crop, segmenter, paste, threshold, write (`predict.predict_case`). "
+        f"one {'x'.join(map(str, patch))} crop, segmenter, paste, threshold, write (`inference.predict_two_stage`). "
         f"MONAI: read, z-score, `sliding_window_inference(roi_size={ROI}, overlap=0.5, sw_batch_size=1)` over the "
         f"whole volume ({windows} windows), threshold, write. Median of {args.repeats} (ours, after one untimed) "
         f"and {args.monai_repeats} (MONAI) cases, the arms alternating.",

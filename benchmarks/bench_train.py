@@ -49,13 +49,14 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from bench_losses import phantom_batch  # noqa: E402  (benchmarks/ is sys.path[0])
 
 import dataset as ds  # noqa: E402
-from bench_losses import phantom_batch  # noqa: E402  (benchmarks/ is sys.path[0])
+from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from inference import resolve_device  # noqa: E402
 from losses import dice_loss  # noqa: E402
 from models import VNet, count_parameters  # noqa: E402
-from utils import resolve_device, run_cli  # noqa: E402
+from utils import run_cli  # noqa: E402
 
 HEADING = "## Training (benchmarks/bench_train.py)"
 REFERENCE_HOURS = 14.5  # the write-up's training time of one segmenter
@@ -89,7 +90,8 @@ def parse_args(argv=None):
                    help="crop size, multiples of 16 (default: 32 64 64 on CPU, 96 144 224 on CUDA)")
     g.add_argument("--base_channels", type=int, default=8, help="our V-Net's input-stage width (8: reference)")
     g.add_argument("--steps", type=int, default=None, help="timed steps per arm (default: 5 on CPU, 20 on CUDA)")
-    g.add_argument("--warmup", type=int, default=None, help="untimed steps per arm first (default: 1 on CPU, 3 on CUDA)")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps per arm first (default: 1 on CPU, 3 on CUDA)")
     g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="autocast dtype; auto: bf16 on CUDA where supported, else fp16 with a gradient scaler; "
                         "off on CPU")
@@ -312,33 +314,24 @@ def time_arms(args, device, amp_dtype) -> list[dict]:
 
 # ----------------------------------------------------------------------------- memory against cases
 
-# train.py keeps every decoded case in memory when the whole set is under 2 GiB
-# (`--cache_cases` default); the "cache off" runs pass `--cache_cases False`.
-DRIVER = """
-import sys
-sys.path.insert(0, {root!r})
-import train
-if {run!r}:
-    train.run_cli(lambda: train.main({argv!r}))
-"""
-
-
-def train_command(argv, no_cache=False, run=True) -> list[str]:
+# train.py keeps each training case's crop region in memory while they stay under
+# training.CASE_CACHE_LIMIT (`--cache_cases` default); the "cache off" runs pass `--cache_cases False`.
+def train_command(argv, no_cache=False) -> list[str]:
     argv = [*argv, "--cache_cases", "False"] if no_cache else argv
-    return [sys.executable, "-c", DRIVER.format(root=str(ROOT), run=run, argv=argv)]
+    return [sys.executable, str(ROOT / "train.py"), *argv]
 
 
 def memory_against_cases(args, workdir: Path) -> dict:
-    import phantoms
+    import synthetic
     data = workdir / "phantoms"
     t0 = time.perf_counter()
-    phantoms.write_phantom_dataset(data / "all", num_cases=max(args.cases), shapes=(tuple(args.case_shape),))
+    synthetic.write_phantom_dataset(data / "all", num_cases=max(args.cases), shapes=(tuple(args.case_shape),))
     print(f"wrote {max(args.cases)} phantoms of {'x'.join(map(str, args.case_shape))} in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     all_cases = sorted(p for p in (data / "all").iterdir() if p.is_dir())
-    code, baseline, _ = run_measured(train_command([], run=False), workdir / "import_train.log")
+    code, baseline, _ = run_measured(train_command(["--help"]), workdir / "import_train.log")
     if code != 0:
-        raise child_failed("import train", code, workdir / "import_train.log")
+        raise child_failed("train.py --help", code, workdir / "import_train.log")
     rows = []
     for n in sorted(set(args.cases)):
         subset = data / f"n{n:03d}"
@@ -367,7 +360,9 @@ def memory_against_cases(args, workdir: Path) -> dict:
     common = ds.round_up(args.case_shape, ds.pad_multiple(factors))
     low_voxels = int(np.prod(common)) // int(np.prod(factors))
     return {"rows": rows, "baseline": baseline,
-            "cache_per_case": 5 * int(np.prod(args.case_shape)),  # float32 image + uint8 label
+            # float32 image + uint8 label of the crop region, at least one patch (two when the
+            # locator's crop and the ground truth's do not overlap)
+            "cache_per_case": 5 * int(np.prod(args.train_patch_size)),
             "locator_per_case": 5 * low_voxels, "low_shape": tuple(c // f for c, f in zip(common, factors))}
 
 
@@ -399,7 +394,8 @@ def step_lines(args, arms, flops, probes, device, amp_name) -> list[str]:
         f"(16 to 256 channels{', twice ours at every stage' if args.base_channels == 8 else ''}; BatchNorm, ELU, "
         "dropout 0.5 in training). FLOPs: "
         "the convolutions', 3 x the forward per training sample. Peak RSS: a fresh process running two steps "
-        f"of that arm alone; the baseline process (imports and batch, no model) peaks at {mib(probes['baseline']['rss'])} MiB.",
+        "of that arm alone; the baseline process (imports and batch, no model) peaks at "
+        f"{mib(probes['baseline']['rss'])} MiB.",
         "",
         "| model | layout | parameters | GFLOP per sample (training) | s per step (median) | fastest | samples/s "
         f"| time vs ours, {ref['layout']} | GFLOP/s | peak RSS (MiB) | above baseline (MiB) |"
@@ -441,7 +437,8 @@ def gpu_lines(args, arms, flops, flops_ref, device, amp_name) -> list[str]:
         lines += [
             "No GPU on this machine; `--device cuda` measures samples per second at 3 x 1 x 96x144x224 with "
             "bf16 autocast, the projected time of the reference's schedule and the fraction of the GPU's peak. "
-            f"Figures it will use: our V-Net{'' if args.base_channels == 8 else f' (base_channels={args.base_channels})'} "
+            "Figures it will use: our V-Net"
+            f"{'' if args.base_channels == 8 else f' (base_channels={args.base_channels})'} "
             f"does {3 * flops_ref['ours'] / 1e9:,.0f} GFLOP of convolutions per "
             f"training sample at 96x144x224 (MONAI's VNet {3 * flops_ref['MONAI'] / 1e9:,.0f}); the reference's "
             f"{REFERENCE_EPOCHS} epochs x {REFERENCE_SAMPLES} samples in {REFERENCE_HOURS} h are "
@@ -491,8 +488,8 @@ def cases_lines(args, mem) -> list[str]:
         f"`train.py --stage both --device cpu --num_workers 0 --max_epochs 1 --locator_max_epochs 1 "
         f"--samples_per_epoch 6 --locator_samples_per_epoch 6 --base_channels {args.train_base_channels} "
         f"--patch_size {' '.join(map(str, args.train_patch_size))}` on phantom sets of {shape} voxels "
-        "(`phantoms.write_phantom_dataset`; a set is the first n cases of one written set, 20 % held out for "
-        "validation), each run in its own process; peak RSS from wait4. A process that only imports train.py "
+        "(`synthetic.write_phantom_dataset`; a set is the first n cases of one written set, 20 % held out for "
+        "validation), each run in its own process; peak RSS from wait4. `train.py --help` (its imports, no data) "
         f"peaks at {mib(mem['baseline'])} MiB.",
         "",
     ]
@@ -510,22 +507,23 @@ def cases_lines(args, mem) -> list[str]:
         f"Peak growth per case (least-squares slope over the {len(rows)} sets): "
         f"{slope['as_is'] / 2**20:+.2f} MiB as train.py is, {slope['no_cache'] / 2**20:+.2f} MiB with the case "
         "cache off.",
-        f"By design train.py holds, per case: the segmenter's cache of decoded cases, only for sets under 2 GiB "
-        f"(`--cache_cases`, default on under 2 GiB), {mem['cache_per_case'] / 2**20:.2f} MiB per case here (float32 image + uint8 label); "
+        "By design train.py holds, per case: the segmenter's crop region (the part of the case its crops can "
+        "cover), while the regions stay under 2 GiB (`--cache_cases`), at least one patch, "
+        f"{mem['cache_per_case'] / 2**20:.2f} MiB here (float32 image + uint8 label); "
         f"and the locator's downscaled volumes ({'x'.join(map(str, mem['low_shape']))}), "
         f"{mem['locator_per_case'] / 2**20:.2f} MiB per case here, {5 * 48 * 160 * 160 / 2**20:.1f} MiB per LASC case "
         "(48x160x160).",
     ]
     # Flat: what remains per case is within the locator's downscaled volumes plus a quarter of
-    # one full-resolution case (RSS varies by a few MiB from run to run).
+    # one cached region (RSS varies by a few MiB from run to run).
     key = "no_cache"
     limit = mem["locator_per_case"] + 0.25 * mem["cache_per_case"]
     flat = slope[key] <= limit
     lines.append("With the cache off, memory is "
                  + ("flat: " if flat else "NOT flat: ")
                  + f"{slope[key] / 2**20:+.2f} MiB per case against {limit / 2**20:.2f} MiB allowed (the locator's "
-                 "volumes plus a quarter of one cached case)"
-                 + f"; as train.py is, the growth is {slope['as_is'] / mem['cache_per_case']:.2f} cached cases' "
+                 "volumes plus a quarter of one patch)"
+                 + f"; as train.py is, the growth is {slope['as_is'] / mem['cache_per_case']:.2f} patches' "
                  "worth per case.")
     lines.append("")
     return lines

@@ -95,7 +95,7 @@ def test_bad_case_files_are_user_errors(tmp_path, problem):
     if problem == "corrupt":
         data = (tmp_path / "c" / "lgemri.nrrd").read_bytes()
         (tmp_path / "c" / "lgemri.nrrd").write_bytes(data[:40])
-    expected = {"shape": "label shape", "geometry": "geometry", "values": "not binary", "nan": "NaN",
+    expected = {"shape": "label shape", "geometry": "geometry", "values": "not a binary mask", "nan": "NaN",
                 "2d": "2D image", "4d": "4D image", "corrupt": "cannot be read"}[problem]
     with pytest.raises(UserError, match=expected):
         ds.load_case(ds.find_cases(tmp_path, require_labels=True)[0])
@@ -152,24 +152,27 @@ def test_largest_component_connectivity_ties_and_dtype():
     mask[0:2, 0:2, 0:2] = True     # body, 8 voxels
     mask[2, 2, 2] = True           # touches it at a corner only
     mask[4:6, 4, 4] = True         # a separate 2-voxel island
-    faces = ds.largest_component(mask)
+    faces = ds.largest_component(mask, connectivity=1)
     assert faces.dtype == bool and faces.sum() == 8 and not faces[2, 2, 2]
     corners = ds.largest_component(mask, connectivity=3)
     assert corners.sum() == 9 and corners[2, 2, 2] and not corners[4:6, 4, 4].any()
     tie = np.zeros((4, 4, 4), np.uint8)
     tie[3, 0, 0] = tie[0, 3, 3] = 1            # equal sizes: the first in (z, y, x) order wins
-    np.testing.assert_array_equal(np.argwhere(ds.largest_component(tie)), [[0, 3, 3]])
-    assert not ds.largest_component(np.zeros((2, 2, 2), np.uint8)).any()
+    np.testing.assert_array_equal(np.argwhere(ds.largest_component(tie, connectivity=1)), [[0, 3, 3]])
+    assert not ds.largest_component(np.zeros((2, 2, 2), np.uint8), connectivity=3).any()
 
 
 def test_locate_scales_box_back_and_removes_padding():
     prob = np.zeros((8, 8, 8), np.float32)
     prob[2:4, 3:5, 1:2] = 0.9   # the atrium
     prob[7, 7, 7] = 0.9         # a stray voxel: not the largest component
-    found = ds.locate(prob, (2, 4, 4), pad_before=(1, 2, 3))
+    found = ds.locate(prob, (2, 4, 4), pad_before=(1, 2, 3), shape=(14, 28, 26))
     # low-res box [2, 4) x [3, 5) x [1, 2) -> full res [4, 8) x [12, 20) x [4, 8), minus padding
-    assert found == {"centre": (5.0, 14.0, 3.0), "extent": (4, 8, 4), "found": True}
-    assert ds.locate(np.zeros((4, 4, 4)), (2, 4, 4), (0, 0, 0))["found"] is False
+    assert found == ds.Location(centre=(5.0, 14.0, 3.0), extent=(4, 8, 4)) and found.found
+    assert found.record() == {"centre": [5.0, 14.0, 3.0], "extent": [4, 8, 4], "found": True}
+    assert found.larger_than((4, 8, 4)) is False and found.larger_than((4, 4, 16)) is True
+    nothing = ds.locate(np.zeros((4, 4, 4)), (2, 4, 4), (0, 0, 0), shape=(7, 16, 16))
+    assert not nothing.found and nothing.centre == (3.0, 7.5, 7.5) and not nothing.larger_than((1, 1, 1))
 
 
 def test_patch_size_rule():
@@ -186,3 +189,51 @@ def test_resample_keeps_physical_extent_and_labels_binary():
     assert out_props["origin"] == props["origin"] and out_props["spacing"] == (0.625, 0.625, 0.625)
     back = ds.resample_onto(out, out_props, lab.shape, props, label=True)
     assert np.array_equal(back, lab)
+
+
+def test_read_image_info_reads_the_header_as_read_image_reads_the_file(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    ds.write_image(a, ROTATED, tmp_path / "x.nrrd")
+    shape, props = ds.read_image_info(tmp_path / "x.nrrd")
+    assert shape == (2, 3, 4) and props == ds.read_image(tmp_path / "x.nrrd")[1]
+    four_d = sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.float32), isVector=False)
+    sitk.WriteImage(four_d, str(tmp_path / "4d.nrrd"))
+    with pytest.raises(UserError, match="4d.nrrd: is a 4D image"):
+        ds.read_image_info(tmp_path / "4d.nrrd")
+    (tmp_path / "bad.nrrd").write_bytes((tmp_path / "x.nrrd").read_bytes()[:40])
+    with pytest.raises(UserError, match="bad.nrrd: cannot be read"):
+        ds.read_image_info(tmp_path / "bad.nrrd")
+
+
+def test_binary_mask_is_the_one_check_of_every_mask():
+    m = np.zeros((3, 4, 5), np.uint8)
+    m[1, 1, 1:3] = 255
+    assert ds.binary_mask(m, "m", (1, 255)).sum() == 2
+    assert ds.binary_mask(m.astype(bool), "m").dtype == bool
+    assert ds.binary_mask((m > 0).astype(np.float32), "m").sum() == 2
+    for bad, shown in [(m, "255"), (m * 0 + 2, "2"), (np.where(m, 0.5, 0), "0.5"), (np.full(m.shape, np.nan), "nan")]:
+        with pytest.raises(ValueError, match=f"m is not a binary mask \\(non-zero values {shown}\\)"):
+            ds.binary_mask(bad, "m")
+    mixed = m.copy()
+    mixed[0, 0, 0] = 1  # 1 and 255 in one mask
+    with pytest.raises(UserError, match="f.nrrd: label is not a binary mask .*values 1, 255.*0 and 1 or 0 and 255"):
+        ds.read_mask(mixed, "f.nrrd")
+    with pytest.raises(ValueError, match="dtype"):
+        ds.binary_mask(np.zeros(3, "U1"), "m")
+
+
+def test_bounding_box_and_its_centre():
+    m = np.zeros((6, 7, 8), bool)
+    m[1:3, 2, 4:8] = True
+    box = ds.bounding_box(m)
+    assert box == (slice(1, 3), slice(2, 3), slice(4, 8)) and ds.box_centre(box) == (2.0, 2.5, 6.0)
+    assert ds.bounding_box(np.zeros((2, 2, 2))) is None
+
+
+def test_resampled_shape_matches_resample():
+    image = np.zeros((10, 21, 20), np.float32)
+    props = {**ROTATED, "spacing": (1.25, 0.7, 0.5)}
+    for spacing in [(0.625, 0.625, 0.625), (2.0, 1.0, 0.3)]:
+        assert ds.resample(image, props, spacing, label=False)[0].shape == ds.resampled_shape(
+            image.shape, props["spacing"], spacing)
+    assert ds.resampled_shape((10, 20, 20), (1.25,) * 3, (0.625,) * 3) == (20, 40, 40)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import dataset as ds
-from conftest import assert_one_line_error, run_script
 import evaluate
-from evaluate import PLOT_TAG, format_table, png_software
-from metrics import METRIC_KEYS
+from conftest import assert_one_line_error, run_main, run_script
+from metrics import METRIC_KEYS, format_table
+from plots import BOX_PLOT_TAG, png_software
 
 
 def write_predictions(data, out, drop=()):
@@ -30,9 +30,14 @@ def predictions(tiny_data, tmp_path_factory):
     return out
 
 
-def evaluate_in_process(*args):
-    """A successful run without a new interpreter (the error paths go through run_script)."""
-    evaluate.main([str(a) for a in args])
+def evaluate_ok(*args):
+    run = run_main(evaluate.main, *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def evaluate_error(*args):
+    return run_main(evaluate.main, *args)
 
 
 def read_rows(path):
@@ -40,45 +45,50 @@ def read_rows(path):
 
 
 def test_evaluate_scores_every_case_and_writes_csv_and_box_plot(tiny_data, predictions, tmp_path):
+    """From the shell, as a user runs it."""
     proc = run_script("evaluate.py", "--pred_dir", predictions, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv")
     assert proc.returncode == 0, proc.stderr
     rows = read_rows(tmp_path / "s.csv")
     spacing = ds.read_image(ds.find_cases(tiny_data, require_labels=True)[0].label)[1]["spacing"]
     assert list(rows) == ["case_000", "case_001", "case_002", "case_003"]
     assert list(rows["case_000"]) == ["case_id", *METRIC_KEYS]
-    for r in rows.values():
-        assert float(r["precision"]) == 1.0 and 0.99 < float(r["dice"]) < 1.0
+    for case in ds.find_cases(tiny_data, require_labels=True):
+        r, n = rows[case.case_id], int((ds.read_image(case.label)[0] > 0).sum())  # label voxels; one missed
+        assert float(r["precision"]) == 1.0
+        assert float(r["dice"]) == pytest.approx(2 * (n - 1) / (2 * n - 1), abs=1e-12)
+        assert float(r["recall"]) == pytest.approx((n - 1) / n, abs=1e-12)
         # One surface voxel removed: every surface voxel is within one voxel step of the other
         # surface, and most are on both.
         assert 0 < float(r["hd"]) <= max(spacing) + 1e-9 and float(r["hd95"]) == 0.0
         assert 0 < float(r["assd"]) < 0.05 * max(spacing)
     assert "mean +- std" in proc.stdout and "hd95" in proc.stdout and "in mm" in proc.stdout
-    assert png_software(tmp_path / "s.png") == PLOT_TAG  # default: beside the CSV
+    assert png_software(tmp_path / "s.png") == BOX_PLOT_TAG  # default: beside the CSV
 
 
 def test_evaluate_replaces_its_own_outputs_but_not_other_files(tiny_data, predictions, tmp_path):
-    args = ("--pred_dir", predictions, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv", "--plot", tmp_path / "b.png")
-    evaluate_in_process(*args)
-    evaluate_in_process(*args)  # a rerun replaces what it wrote
+    args = ("--pred_dir", predictions, "--data_dir", tiny_data, "--csv", tmp_path / "s.csv",
+            "--plot", tmp_path / "b.png")
+    evaluate_ok(*args)
+    evaluate_ok(*args)  # a rerun replaces what it wrote
     (tmp_path / "s.csv").write_text("someone's notes\n")
-    assert_one_line_error(run_script("evaluate.py", *args), "--csv", "s.csv", "--overwrite")
+    assert_one_line_error(evaluate_error(*args), "--csv", "s.csv", "--overwrite")
     assert (tmp_path / "s.csv").read_text() == "someone's notes\n"
     (tmp_path / "s.csv").unlink()
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
-    assert_one_line_error(run_script("evaluate.py", *args), "--plot", "b.png", "--overwrite")
+    assert_one_line_error(evaluate_error(*args), "--plot", "b.png", "--overwrite")
     assert not (tmp_path / "s.csv").exists()  # refused before anything was written
-    evaluate_in_process(*args, "--overwrite")
-    assert png_software(tmp_path / "b.png") == PLOT_TAG
+    evaluate_ok(*args, "--overwrite")
+    assert png_software(tmp_path / "b.png") == BOX_PLOT_TAG
 
 
-def test_evaluate_lists_missing_predictions_or_scores_them_empty(tiny_data, tmp_path, capsys):
+def test_evaluate_lists_missing_predictions_or_scores_them_empty(tiny_data, tmp_path):
     write_predictions(tiny_data, tmp_path, drop=("case_002",))
-    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data),
+    assert_one_line_error(evaluate_error("--pred_dir", tmp_path, "--data_dir", tiny_data),
                           "case_002", "--missing_as_empty")
-    evaluate_in_process("--pred_dir", tmp_path, "--data_dir", tiny_data, "--missing_as_empty")
-    assert "scored as empty (no prediction): case_002" in capsys.readouterr().out
+    run = evaluate_ok("--pred_dir", tmp_path, "--data_dir", tiny_data, "--missing_as_empty")
+    assert "scored as empty (no prediction): case_002" in run.stdout
     rows = read_rows(tmp_path / "evaluation.csv")
-    assert png_software(tmp_path / "evaluation.png") == PLOT_TAG
+    assert png_software(tmp_path / "evaluation.png") == BOX_PLOT_TAG
     label, props = ds.read_image(ds.find_cases(tiny_data, require_labels=True)[2].label)
     diagonal = math.dist((0, 0, 0), np.multiply(label.shape, props["spacing"]))
     assert float(rows["case_002"]["dice"]) == 0.0 and float(rows["case_002"]["recall"]) == 0.0
@@ -90,18 +100,18 @@ def test_evaluate_refuses_a_prediction_on_another_grid(tiny_data, tmp_path):
     write_predictions(tiny_data, tmp_path)
     mask, props = ds.read_image(tmp_path / "case_001.nrrd")
     ds.write_image(mask, {**props, "origin": (0.0, 0.0, 0.0)}, tmp_path / "case_001.nrrd")
-    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data), "case_001.nrrd")
-    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path / "nope", "--data_dir", tiny_data), "--pred_dir")
+    assert_one_line_error(evaluate_error("--pred_dir", tmp_path, "--data_dir", tiny_data), "case_001.nrrd")
+    assert_one_line_error(evaluate_error("--pred_dir", tmp_path / "nope", "--data_dir", tiny_data), "--pred_dir")
 
 
 def test_evaluate_refuses_non_binary_or_corrupt_predictions(tiny_data, tmp_path):
     write_predictions(tiny_data, tmp_path)
     mask, props = ds.read_image(tmp_path / "case_003.nrrd")
     ds.write_image(mask * np.uint8(2), props, tmp_path / "case_003.nrrd")
-    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data),
+    assert_one_line_error(evaluate_error("--pred_dir", tmp_path, "--data_dir", tiny_data),
                           "case_003.nrrd", "not a binary mask", "values 2")
     (tmp_path / "case_003.nrrd").write_bytes(b"NRRD0004\nthis is not an image\n")
-    assert_one_line_error(run_script("evaluate.py", "--pred_dir", tmp_path, "--data_dir", tiny_data), "case_003.nrrd")
+    assert_one_line_error(evaluate_error("--pred_dir", tmp_path, "--data_dir", tiny_data), "case_003.nrrd")
 
 
 def test_evaluate_accepts_0_255_predictions(tiny_data, tmp_path):
@@ -109,8 +119,11 @@ def test_evaluate_accepts_0_255_predictions(tiny_data, tmp_path):
     for case in ds.find_cases(tiny_data, require_labels=True):
         mask, props = ds.read_image(tmp_path / f"{case.case_id}.nrrd")
         ds.write_image(mask * np.uint8(255), props, tmp_path / f"{case.case_id}.nrrd")
-    evaluate_in_process("--pred_dir", tmp_path, "--data_dir", tiny_data)
-    assert all(0.99 < float(r["dice"]) < 1 for r in read_rows(tmp_path / "evaluation.csv").values())
+    evaluate_ok("--pred_dir", tmp_path, "--data_dir", tiny_data)
+    as_255 = read_rows(tmp_path / "evaluation.csv")
+    write_predictions(tiny_data, tmp_path)  # the same masks as 0/1
+    evaluate_ok("--pred_dir", tmp_path, "--data_dir", tiny_data)
+    assert read_rows(tmp_path / "evaluation.csv") == as_255
 
 
 @pytest.mark.parametrize("flags, fragments", [
@@ -120,7 +133,7 @@ def test_evaluate_accepts_0_255_predictions(tiny_data, tmp_path):
 ])
 def test_evaluate_rejects_bad_output_flags(tiny_data, predictions, tmp_path, flags, fragments):
     flags = [f.format(tmp=tmp_path) for f in flags]
-    assert_one_line_error(run_script("evaluate.py", "--pred_dir", predictions, "--data_dir", tiny_data, *flags),
+    assert_one_line_error(evaluate_error("--pred_dir", predictions, "--data_dir", tiny_data, *flags),
                           *fragments)
 
 

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from losses import (LOSS_NAMES, LOSSES, BoundarySchedule, SegmentationLoss, boundary_loss, dice_loss, focal_loss,
-                    hybrid_loss, signed_distance_map)
+from losses import (
+    LOSS_NAMES,
+    LOSSES,
+    BoundarySchedule,
+    SegmentationLoss,
+    boundary_loss,
+    dice_loss,
+    focal_loss,
+    hybrid_loss,
+    signed_distance_map,
+)
 
 BIG = 50.0  # sigmoid(50) == 1 and sigmoid(-50) == 0 in float32
 
@@ -295,7 +304,8 @@ def test_segmentation_loss_calls_the_named_function():
     assert sorted(LOSSES) == sorted(LOSS_NAMES) == sorted(expected)
     for name, value in expected.items():
         assert torch.equal(LOSSES[name](logits, target, dist, 0.25), value), name
-    assert torch.equal(SegmentationLoss("Dice", squared_dice=True)(logits, target), dice_loss(logits, target, squared=True))
+    assert torch.equal(SegmentationLoss("Dice", squared_dice=True)(logits, target),
+                       dice_loss(logits, target, squared=True))
     assert torch.equal(SegmentationLoss("Focal", focal_alpha=0.2, focal_gamma=1)(logits, target),
                        focal_loss(logits, target, alpha=0.2, gamma=1))
 
@@ -312,7 +322,8 @@ def test_segmentation_loss_names_what_it_needs():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_every_loss_is_finite_with_finite_gradients_on_an_empty_target(name):
     target = torch.zeros(2, 1, 4, 4, 4)
-    dist = torch.from_numpy(signed_distance_map(target[0, 0].numpy(), (2.0, 1.0, 1.0)))[None, None].repeat(2, 1, 1, 1, 1)
+    dist = torch.from_numpy(signed_distance_map(target[0, 0].numpy(), (2.0, 1.0, 1.0)))
+    dist = dist[None, None].repeat(2, 1, 1, 1, 1)
     logits = torch.randn(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
     logits[0, 0, 0] = 100
     logits[1, 0, 0] = -100

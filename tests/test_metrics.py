@@ -179,6 +179,23 @@ def test_distances_agree_with_brute_force():
         assert m["assd"] == pytest.approx(np.concatenate([d_ab, d_ba]).mean(), abs=1e-9)
 
 
+def test_hd_and_assd_equal_medpy_whose_hd95_pools_both_directions():
+    """medpy 0.5.2 (requirements-dev.txt) measures from the same surface voxels (connectivity 1).
+    Its assd pools both directions since 0.5.2, as ours does; its hd95 takes the percentile of
+    the pooled distances, where ours takes the larger of the two directed percentiles."""
+    medpy = pytest.importorskip("medpy.metric.binary")
+    differs = 0
+    for a, b, spacing in random_pairs(irregular_blob, 30, seed=6):
+        m = compute_metrics(a, b, spacing=spacing)
+        assert m["hd"] == pytest.approx(medpy.hd(a, b, voxelspacing=spacing, connectivity=1), abs=1e-9)
+        assert m["assd"] == pytest.approx(medpy.assd(a, b, voxelspacing=spacing, connectivity=1), abs=1e-9)
+        d_ab, d_ba = brute_force_distances(a, b, spacing)
+        theirs = medpy.hd95(a, b, voxelspacing=spacing, connectivity=1)
+        assert theirs == pytest.approx(np.percentile(np.concatenate([d_ab, d_ba]), 95), abs=1e-9)
+        differs += abs(theirs - m["hd95"]) > 1e-6
+    assert differs > 15  # and the two hd95 conventions do differ on most pairs
+
+
 def test_hd_equals_simpleitk_on_random_anisotropic_ellipsoids():
     # SimpleITK's filter measures between all foreground voxels, we between surfaces. For a
     # voxel outside the other mask the nearest foreground voxel of that mask is on its surface
@@ -266,7 +283,7 @@ def test_compute_metrics_takes_bool_integer_and_float_masks_alike():
 
 @pytest.mark.parametrize("pred, spacing, fragment", [
     (np.zeros((4, 5, 7)), (1, 1, 1), "same shape"),
-    (masks()[0] * 2, (1, 1, 1), "[0, 2]"),
+    (masks()[0] * 2, (1, 1, 1), "values 2"),
     (np.full((4, 5, 6), 0.5), (1, 1, 1), "binary mask"),
     (np.full((4, 5, 6), np.nan), (1, 1, 1), "binary mask"),
     (np.zeros((4, 5, 6), "U1"), (1, 1, 1), "dtype"),

@@ -1,20 +1,15 @@
-"""Tests of the phantom generator: determinism, the label's invariants, the atrium's size
-relative to the volume, that a threshold cannot find it, the LASC layout on disk with its
-geometry, and the command line's errors."""
-import subprocess
-import sys
-from pathlib import Path
-
+"""Tests of the phantom generator (synthetic.py) and its command line (phantoms.py):
+determinism, the label's invariants, the atrium's size relative to the volume, that a threshold
+cannot find it, the LASC layout on disk with its geometry, and the command line's errors."""
 import numpy as np
 import pytest
 from scipy import ndimage
 
 import phantoms
+from conftest import assert_one_line_error, run_main, run_script
 from dataset import read_image
-from phantoms import make_phantom, write_phantom_dataset
-from utils import run_cli
+from synthetic import make_phantom, write_phantom_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = (32, 64, 64)
 
 
@@ -89,38 +84,35 @@ def test_write_phantom_dataset_writes_lasc_layout_with_shared_geometry(tmp_path)
 
 
 def test_cli_refuses_a_folder_that_holds_cases_without_overwrite(tmp_path):
+    """From the shell, as a user runs it."""
     write_phantom_dataset(tmp_path, num_cases=1, shapes=((16, 32, 32),))
     before = (tmp_path / "case_000" / "lgemri.nrrd").read_bytes()
-    result = subprocess.run([sys.executable, "phantoms.py", "--out_dir", str(tmp_path), "--num_cases", "1",
-                             "--shape", "16", "32", "32", "--seed", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert str(tmp_path) in lines[0] and "--overwrite" in lines[0]
+    proc = run_script("phantoms.py", "--out_dir", tmp_path, "--num_cases", "1", "--shape", "16", "32", "32",
+                      "--seed", "1")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, str(tmp_path), "--overwrite")
     assert (tmp_path / "case_000" / "lgemri.nrrd").read_bytes() == before
-
-
-def _run_main(monkeypatch, capsys, *argv):
-    monkeypatch.setattr(sys, "argv", ["phantoms.py", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(phantoms.main)
-    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, flag", [(["--shape", "8", "64", "64"], "--shape 8 64 64"),
                                         (["--num_cases", "0"], "--num_cases 0"),
-                                        (["--spacing", "0", "1", "1"], "--spacing")])
-def test_cli_bad_values_give_one_line_error_and_status_2(monkeypatch, capsys, tmp_path, argv, flag):
-    code, err = _run_main(monkeypatch, capsys, "--out_dir", str(tmp_path / "out"), *argv)
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("error: ") and flag in err
+                                        (["--spacing", "0", "1", "1"], "--spacing"),
+                                        (["--num_cases", "many"], "--num_cases")])
+def test_cli_bad_values_give_one_line_error_and_status_2(tmp_path, argv, flag):
+    run = run_main(phantoms.main, "--out_dir", tmp_path / "out", *argv)
+    assert run.returncode == 2
+    assert_one_line_error(run, flag)
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_overwrite_replaces_existing_cases(monkeypatch, tmp_path):
+def test_cli_refuses_a_file_as_the_folder(tmp_path):
+    (tmp_path / "f").write_text("")
+    assert_one_line_error(run_main(phantoms.main, "--out_dir", tmp_path / "f"), "--out_dir", "is a file")
+
+
+def test_cli_overwrite_replaces_existing_cases(tmp_path):
     write_phantom_dataset(tmp_path, num_cases=1, shapes=((16, 32, 32),), seed=0)
-    monkeypatch.setattr(sys, "argv", ["phantoms.py", "--out_dir", str(tmp_path), "--num_cases", "1",
-                                      "--shape", "16", "32", "40", "--seed", "1", "--overwrite"])
-    phantoms.main()
+    run = run_main(phantoms.main, "--out_dir", tmp_path, "--num_cases", "1", "--shape", "16", "32", "40", "--seed", "1",
+                   "--overwrite")
+    assert run.returncode == 0 and run.stdout == f"wrote 1 case(s) to {tmp_path}\n"
     assert read_image(tmp_path / "case_000" / "lgemri.nrrd")[0].shape == (16, 32, 40)

@@ -1,5 +1,6 @@
-"""A run that is stopped and resumed ends where an uninterrupted run ends, bit for bit; a bad
---resume is refused; checkpoints survive a killed writer and refuse pickled code."""
+"""Long runs: a run that is stopped and resumed ends where an uninterrupted run ends, bit for
+bit; a bad --resume is refused; a checkpoint survives a killed writer; Ctrl-C names the resume
+command; two processes under torchrun train in step. The slow ones are marked `slow`."""
 import csv
 import os
 import signal
@@ -9,16 +10,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, run_script
+import train
+from conftest import ROOT, assert_one_line_error, run_main, train_ok
 
 FLAGS = ["--locator_max_epochs", "1", "--samples_per_epoch", "6", "--locator_samples_per_epoch", "5",
          "--base_channels", "2", "--padding", "8", "8", "8", "--device", "cpu", "--deterministic", "--num_workers", "2"]
-
-
-def train(*args):
-    proc = run_script("train.py", *args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def log_rows(run, stage):
@@ -30,11 +26,12 @@ def weights(run, stage):
     return torch.load(run / stage / "latest.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    train("--data_dir", tiny_data, "--output_dir", whole, "--max_epochs", "2", *FLAGS)
-    train("--data_dir", tiny_data, "--output_dir", halves, "--max_epochs", "1", *FLAGS)
-    proc = train("--resume", halves, "--max_epochs", "2")
+    train_ok("--data_dir", tiny_data, "--output_dir", whole, "--max_epochs", "2", *FLAGS)
+    train_ok("--data_dir", tiny_data, "--output_dir", halves, "--max_epochs", "1", *FLAGS)
+    proc = train_ok("--resume", halves, "--max_epochs", "2")
     assert "segmenter: resuming after epoch 1 of 2" in proc.stdout
     for stage in ("locator", "segmenter"):
         assert log_rows(whole, stage) == log_rows(halves, stage)
@@ -43,18 +40,20 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     assert len(log_rows(halves, "segmenter")) == 2 and (halves / "segmenter" / "curves.png").stat().st_size > 0
 
 
-def test_resume_refuses_a_finished_or_foreign_folder(tiny_run, tmp_path):
-    assert_one_line_error(run_script("train.py", "--resume", tiny_run, "--max_epochs", "1"), "--resume", "--max_epochs")
-    assert_one_line_error(run_script("train.py", "--resume", tmp_path), "--resume", "config.json")
+def test_resume_refuses_a_finished_or_foreign_folder(trained_run, tmp_path):
+    assert_one_line_error(run_main(train.main, "--resume", trained_run, "--max_epochs", "10"), "--resume",
+                          "--max_epochs")
+    assert_one_line_error(run_main(train.main, "--resume", tmp_path), "--resume", "config.json")
 
 
+@pytest.mark.slow
 def test_killed_checkpoint_writer_leaves_the_previous_checkpoint(tmp_path):
     """SIGKILL in the middle of writing a large checkpoint: the file on disk is still the old one."""
     path = tmp_path / "latest.pt"
     code = f"""
 import sys, torch, time
 sys.path.insert(0, {str(ROOT)!r})
-from utils import save_checkpoint
+from training import save_checkpoint
 model = torch.nn.Linear(1, 1)
 save_checkpoint({str(path)!r}, model, {{"role": "segmenter", "arch": {{}}}}, epoch=1)
 print("saved", flush=True)
@@ -71,20 +70,7 @@ save_checkpoint({str(path)!r}, big, {{"role": "segmenter", "arch": {{}}}}, epoch
     assert ckpt["epoch"] == 1
 
 
-class Exploit:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED",))
-
-
-def test_pickled_code_in_a_checkpoint_is_refused_and_never_runs(tiny_run, tiny_data, tmp_path):
-    bad = tmp_path / "evil.pt"
-    torch.save({"format": "la-seg-v1", "model": {}, "config": {"role": "segmenter"}, "x": Exploit()}, bad)
-    proc = run_script("predict.py", "--data_dir", tiny_data, "--output_dir", tmp_path / "out", "--device", "cpu",
-                      "--locator_path", tiny_run / "locator" / "best.pt", "--segmenter_path", bad, cwd=tmp_path)
-    assert_one_line_error(proc, "--segmenter_path", "evil.pt")
-    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
-
-
+@pytest.mark.slow
 def test_torchrun_two_processes_train_in_step_and_write_one_set_of_files(tiny_data, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -97,11 +83,12 @@ def test_torchrun_two_processes_train_in_step_and_write_one_set_of_files(tiny_da
         assert proc.stdout.count(f"{stage} epoch   1:") == 1  # one process reports and writes
         assert len(log_rows(run, stage)) == 1
     files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
-    assert files == ["config.json", "locator/best.pt", "locator/centres.json", "locator/curves.png", "locator/latest.pt",
-                     "locator/log.csv", "segmenter/best.pt", "segmenter/curves.png", "segmenter/latest.pt",
-                     "segmenter/log.csv", "split.json"]
+    assert files == ["config.json", "locator/best.pt", "locator/centres.json", "locator/curves.png",
+                     "locator/latest.pt", "locator/log.csv", "segmenter/best.pt", "segmenter/curves.png",
+                     "segmenter/latest.pt", "segmenter/log.csv", "split.json"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_the_resume_command_and_a_loadable_latest(tiny_data, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(tiny_data), "--output_dir", str(run),

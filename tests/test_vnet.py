@@ -87,7 +87,8 @@ def test_build_model_round_trips_the_attention_variant():
 
 def test_build_model_reads_records_written_before_attention_existed():
     model = VNet(base_channels=2, dilation=2)
-    old = {k: v for k, v in model_arch(model).items() if k not in ("attention_module", "reduction", "attention_dilation")}
+    newer = ("attention_module", "reduction", "attention_dilation")
+    old = {k: v for k, v in model_arch(model).items() if k not in newer}
     rebuilt = build_model(old)
     assert model_arch(rebuilt) == model_arch(model) and not rebuilt.arch["attention_module"]
     rebuilt.load_state_dict(model.state_dict())
@@ -139,7 +140,8 @@ def test_unit_variance_init_gives_every_vnet_convolution_unit_std_on_its_batch(a
         logits = model(x)
     assert abs(logits.mean().item() - math.log(0.01 / 0.99)) < 1e-4
     assert torch.sigmoid(logits).mean() < 0.05  # starts out predicting background
-    assert all(torch.equal(a, b) for a, b in zip(gate_weights, (p for n, p in model.named_parameters() if n.startswith("gate"))))
+    after = (p for n, p in model.named_parameters() if n.startswith("gate"))
+    assert all(torch.equal(a, b) for a, b in zip(gate_weights, after))
 
 
 def test_unit_variance_init_refuses_a_prior_outside_zero_one():

@@ -1,0 +1,185 @@
+"""What turns checkpoints and a scan into probabilities: the device and its precision, loading
+and validating a checkpoint into the model it records, running a model on a volume (optionally
+averaged with its left-right mirror), and the two-stage strategy: locate the atrium on the
+downscaled scan, segment a fixed-size crop around it, paste the crop back and resample the
+probabilities onto the scan's own grid.
+
+train.py validates and places its crops through these functions, so training sees what
+prediction does; predict.py writes masks with them. A new inference strategy (a sliding window,
+an ensemble) is a new function here beside `predict_two_stage`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dataset as ds
+from models import build_model
+from utils import UserError
+
+CHECKPOINT_FORMAT = "la-seg-v1"
+
+
+# ----------------------------------------------------------------------------- device
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def set_cpu_threads() -> None:
+    """Give torch all cores when no other process competes (data loading is in-process)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision on a GPU: bf16 where it has it (float32's range, no loss scaling), else
+    fp16. CPUs run float32 (autocast off); the value is then unused."""
+    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """Channels-last 3D on CPU, where oneDNN's 3D convolutions were faster in that layout at
+    train.py's batch of 3 (not at every size: docs/experiments.md); contiguous elsewhere."""
+    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path: str | Path, role: str | None = None, flag: str = "checkpoint") -> dict:
+    """Load and validate one of our checkpoints (weights only: no pickled code runs).
+
+    `role` ("locator" or "segmenter") is checked against the checkpoint's own record, so a
+    segmenter passed as the locator is caught before it produces nonsense.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file; pass the best.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag} {path}: not a readable checkpoint of this repository ({reason[:120]}); "
+                        "pass a best.pt or latest.pt written by train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT \
+            or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{flag} {path}: not a checkpoint written by this repository's train.py "
+                        "(no model/config record); pass a best.pt or latest.pt from a run folder")
+    if role is not None and ckpt["config"].get("role") != role:
+        raise UserError(f"{flag} {path}: holds a {ckpt['config'].get('role')} model, expected the "
+                        f"{role}; pass <run>/{role}/best.pt")
+    return ckpt
+
+
+def load_model(ckpt: dict, path, device: torch.device) -> torch.nn.Module:
+    """The model a checkpoint records, with its weights, on `device`, in evaluation mode."""
+    model = build_model(ckpt["config"]["arch"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"{path}: weights do not fit the architecture recorded in the checkpoint; "
+                        "the file is damaged or was edited, retrain or use another checkpoint") from None
+    return model.to(device, memory_format=memory_format(device)).eval()
+
+
+# ----------------------------------------------------------------------------- running a model
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, array: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
+    """Foreground probabilities of one (D, H, W) volume, float32 (D, H, W).
+
+    `tta`: the mean of the probabilities on the volume and on its W-mirror (mirrored back),
+    the one flip training augments with (`augment.flip_w`); it costs a second forward pass.
+    On a GPU the convolutions run in bf16 (fp16 where bf16 is missing) under autocast.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]  # (1, 1, D, H, W)
+    x = x.to(device, memory_format=memory_format(device))
+    with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
+        probs = torch.sigmoid(model(x).float())
+        if tta:
+            probs += torch.sigmoid(model(x.flip(-1)).float()).flip(-1)
+            probs *= 0.5
+    return probs[0, 0].cpu().numpy()
+
+
+def locate(locator: torch.nn.Module, low: np.ndarray, pad_before, shape, factors, device: torch.device,
+           tta: bool = False) -> ds.Location:
+    """The atrium's location in a scan of `shape` from the locator's view of it (`low`, padded
+    by `pad_before` and downscaled by `factors`: `dataset.locator_input`)."""
+    return ds.locate(probabilities(locator, low, device, tta), factors, pad_before, shape)
+
+
+# ----------------------------------------------------------------------------- the two-stage strategy
+
+@dataclass
+class TwoStage:
+    """A trained locator and segmenter with what their checkpoints record about their input."""
+    locator: torch.nn.Module
+    segmenter: torch.nn.Module
+    factors: tuple[int, int, int]      # locator downscaling blocks, e.g. (2, 4, 4)
+    patch_size: tuple[int, int, int]   # segmenter input, e.g. (96, 144, 224)
+    spacing: tuple[float, float, float]  # training spacing (sz, sy, sx) mm
+    device: torch.device
+    tta: bool = False                  # average each model over the input and its W-mirror
+
+
+def load_two_stage(locator_path, segmenter_path, device: torch.device, tta: bool = False) -> TwoStage:
+    loc = load_checkpoint(locator_path, "locator", "--locator_path")
+    seg = load_checkpoint(segmenter_path, "segmenter", "--segmenter_path")
+    if not ds.same_spacing(loc["config"]["spacing"], seg["config"]["spacing"]):
+        raise UserError(f"--locator_path {locator_path} and --segmenter_path {segmenter_path} were trained at "
+                        "different spacings; use the two checkpoints of one run")
+    return TwoStage(load_model(loc, locator_path, device), load_model(seg, segmenter_path, device),
+                    ds.downscale_factors(loc["config"]["scale_factor"]), tuple(seg["config"]["patch_size"]),
+                    tuple(seg["config"]["spacing"]), device, tta)
+
+
+def locate_scan(pipe: TwoStage, image: np.ndarray, pad_value: float) -> ds.Location:
+    """Run the locator on a z-scored scan at training spacing, padded by its own shape."""
+    low, pad_before = ds.locator_input(image, pad_value, pipe.factors)
+    return locate(pipe.locator, low, pad_before, image.shape, pipe.factors, pipe.device, pipe.tta)
+
+
+def segment_at(pipe: TwoStage, image: np.ndarray, pad_value: float, centre) -> np.ndarray:
+    """Segmenter probabilities of the fixed-size crop at `centre`, pasted into a zero volume."""
+    start = ds.crop_start(centre, pipe.patch_size, image.shape)
+    prob = probabilities(pipe.segmenter, ds.crop(image, start, pipe.patch_size, pad_value), pipe.device, pipe.tta)
+    return ds.paste(prob, start, image.shape)
+
+
+def predict_two_stage(pipe: TwoStage, image: np.ndarray, props: dict) -> tuple[np.ndarray, ds.Location]:
+    """Atrium probabilities float32 on the grid of `image (D, H, W)`, and where the locator put
+    the crop (on the grid the models saw).
+
+    A scan at another spacing than the model's is resampled to it (linear), and the
+    probabilities, not a thresholded mask, are resampled back onto the scan's grid (linear)
+    and thresholded there: the mask's edge then falls between the model's voxels where the
+    probability crosses 0.5, instead of the staircase that nearest-neighbour resampling of a
+    mask leaves when the scan is finer than the model's grid.
+    """
+    resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
+    work, work_props = ds.resample(image, props, pipe.spacing, label=False) if resampled else (image, props)
+    work, pad_value = ds.zscore(work)
+    location = locate_scan(pipe, work, pad_value)
+    prob = segment_at(pipe, work, pad_value, location.centre)
+    del work
+    if resampled:
+        prob = ds.resample_onto(prob, work_props, image.shape, props, label=False)
+    return prob, location
+
+
+def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:
+    """uint8 {0, 1} mask where `prob` >= 0.5; with `largest_component`, only its largest
+    26-connected component (faces, edges and corners join, so that a thin vein stub touching
+    the body along an edge stays; anything removed is a separate island)."""
+    mask = (prob >= 0.5).astype(np.uint8)
+    return ds.largest_component(mask, connectivity=3) if largest_component else mask

@@ -1,12 +1,13 @@
 # Two commands for a fresh machine (each sets up .venv first):
 #   make demo   phantoms -> train both stages -> predict held-out phantoms -> evaluate
-#   make test   the test suite
+#   make test   the lint check and the test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := runs/demo
+DEMO_DATA := data/phantoms data/phantoms_test
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -25,8 +26,12 @@ demo: setup
 		--locator_path $(RUN)/locator/best.pt --segmenter_path $(RUN)/segmenter/best.pt --tta --largest_component
 	$(PY) evaluate.py --pred_dir $(RUN)/predictions --data_dir data/phantoms_test
 
-test: setup
-	$(PY) -m pytest -q tests
+lint: setup
+	$(VENV)/bin/ruff check .
 
+test: lint
+	$(PY) -m pytest
+
+# What `make demo` and the set-up wrote, nothing else (your own data under data/ stays).
 clean:
-	rm -rf $(VENV) data runs predictions
+	rm -rf $(VENV) $(DEMO_DATA) $(RUN)

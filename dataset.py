@@ -449,9 +449,9 @@ def locate(prob: np.ndarray, factors, pad_before, shape, threshold: float = 0.5)
     box = bounding_box(largest_component(prob >= threshold, connectivity=1))
     if box is None:
         return Location(tuple((s - 1) / 2 for s in shape), None)
-    k, before = np.asarray(factors), np.asarray(pad_before)
-    lo = np.array([s.start for s in box]) * k - before
-    hi = np.array([s.stop for s in box]) * k - before
+    k, pad = np.asarray(factors), np.asarray(pad_before)
+    lo = np.array([s.start for s in box]) * k - pad
+    hi = np.array([s.stop for s in box]) * k - pad
     return Location(tuple(float(c) for c in (lo + hi) / 2), tuple(int(e) for e in hi - lo))
 
 

@@ -127,15 +127,19 @@ def test_segmenter_starts_from_the_locator_weights(trained_run, tiny_data, tmp_p
         assert max(cosines, default=0) < 0.9
 
 
-def test_each_case_is_decoded_once_per_stage_and_located_once(tiny_data, tmp_path, monkeypatch):
+def test_each_case_is_decoded_once_per_stage_and_located_once(trained_run, tiny_data, tmp_path, monkeypatch):
     decoded, located = [], []
     read_image, locate = ds.read_image, inference.locate
     monkeypatch.setattr(ds, "read_image", lambda path: decoded.append(path.name) or read_image(path))
     monkeypatch.setattr(inference, "locate", lambda *a, **k: located.append(1) or locate(*a, **k))
-    train_ok("--data_dir", tiny_data, "--output_dir", tmp_path / "run", *TINY_TRAIN)
+    train_ok("--data_dir", tiny_data, "--output_dir", tmp_path / "both", *TINY_TRAIN)
     assert decoded.count("lgemri.nrrd") == 2 * 4  # locator stage, segmenter stage
     assert decoded.count("laendo.nrrd") == 3 * 4  # and once before, for the atria's boxes
     assert len(located) == 4  # by the locator stage, for its centres.json and the segmenter's crops
+    decoded.clear()
+    located.clear()
+    train_segmenter(trained_run, tiny_data, tmp_path / "segmenter")  # the given locator, run once per case
+    assert (decoded.count("lgemri.nrrd"), decoded.count("laendo.nrrd"), len(located)) == (4, 2 * 4, 4)
 
 
 def test_crop_regions_in_memory_train_exactly_as_cases_read_from_disk(trained_run, tiny_data, tmp_path):

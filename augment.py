@@ -1,8 +1,8 @@
-"""On-the-fly augmentation of (image, label) pairs: the reference write-up's horizontal flip,
-additive Gaussian noise, small rotation about the depth axis and in-plane translation, plus an
-in-plane elastic deformation (off by default, as in the write-up) and intensity scaling (off
-by default: the defaults are the write-up's set), and the command-line flags that set them
-(`plots.augmentation_grid` draws what they do).
+"""On-the-fly augmentation of (image, label) pairs: the horizontal flip, additive Gaussian noise,
+small rotation about the depth axis and in-plane translation of the reference write-up
+(VNet_PyTorch-Atriaseg2018), plus an in-plane elastic deformation (off by default, as in the
+write-up) and intensity scaling (off by default: the defaults are the write-up's set), and the
+command-line flags that set them (`plots.augmentation_grid` draws what they do).
 
 Each transform takes `(image, label, rng)` with an explicit `numpy.random.Generator` and
 returns `(image, label)`: image float32 (D, H, W), label uint8 (D, H, W) in {0, 1}. Image and
@@ -70,8 +70,8 @@ def bspline_basis(n: int, grid: int) -> np.ndarray:
     sampled on n voxels, the first and last control points on the first and last voxels.
 
     `basis @ c` equals `ndimage.zoom(c, n / grid, order=3, mode="nearest", prefilter=False)`;
-    built once per axis, it upsamples a control grid axis by axis as matrix products, about a
-    hundred times faster than zooming the grid (docs/experiments.md). Rows sum to 1 and are
+    built once per axis, it upsamples a control grid axis by axis as matrix products, far
+    faster than zooming the grid (docs/experiments.md). Rows sum to 1 and are
     non-negative, so every upsampled value is a weighted mean of control values.
     """
     basis = np.stack([ndimage.zoom(e, n / grid, order=3, mode="nearest", prefilter=False)

@@ -1,9 +1,9 @@
 """Segmentation losses on logits, for one foreground class (the atrium): Dice, focal, boundary
-(Kervadec et al.) and the hybrid Dice + boundary of the reference write-up, the signed
-distance map the boundary loss needs (computed in the data pipeline, in numpy), the schedule
-that shifts the hybrid's weight towards the boundary term, and `SegmentationLoss`, which
-puts the four behind one call for train.py. Functions first; each returns a value to
-minimise (`1 - dice`, never `-dice`).
+(Kervadec et al.) and the hybrid Dice + boundary of the reference write-up
+(VNet_PyTorch-Atriaseg2018), the signed distance map the boundary loss needs (computed in the
+data pipeline, in numpy), the schedule that shifts the hybrid's weight towards the boundary
+term, and `SegmentationLoss`, which puts the four behind one call for training. Functions first;
+each returns a value to minimise (`1 - dice`, never `-dice`).
 
 Shapes: logits (B, 1, D, H, W); target (B, 1, D, H, W) float in {0, 1}; distance_map
 (B, 1, D, H, W) float, millimetres. `reduction` acts over the batch: "mean" (default) or

@@ -1,5 +1,6 @@
 """3D bottleneck attention module (BAM: Park, Woo, Lee and Kweon, BMVC 2018), the gate the
-reference write-up places after the V-Net's input stage and each of its encoder stages."""
+reference write-up (VNet_PyTorch-Atriaseg2018, see the README) places after the V-Net's input
+stage and each of its encoder stages."""
 from __future__ import annotations
 
 import torch
@@ -51,7 +52,7 @@ class BottleneckAttention3d(nn.Module):
     module that the paper evaluated. The `1 +` keeps an identity path: the module can
     emphasise features by up to 2x but never erase them.
 
-    BAM's gates contain batch normalisation; these have none, like the rest of our V-Net (SPEC):
+    BAM's gates contain batch normalisation; these have none, like the rest of our V-Net:
     with the segmenter's batch of 3 its statistics would be noise, a batch of 1 would make the
     channel gate's normalisation fail in training, and the network would behave differently in
     training and evaluation.

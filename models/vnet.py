@@ -1,6 +1,7 @@
 """V-Net (Milletari, Navab and Ahmadi, 3DV 2016) as configured in the reference left-atrium
-write-up: 5x5x5 convolutions with PReLU, residual stages, 2x2x2 stride-2 down-convolutions
-and transposed up-convolutions, no normalisation layers, logits out."""
+write-up (VNet_PyTorch-Atriaseg2018, see the README): 5x5x5 convolutions with PReLU, residual
+stages, 2x2x2 stride-2 down-convolutions and transposed up-convolutions, no normalisation
+layers, logits out."""
 from __future__ import annotations
 
 import math
@@ -153,11 +154,8 @@ class VNet(nn.Module):
         dominated by a push towards foreground everywhere, and the V-Net drifts into an
         all-foreground output where it stays for tens of steps before it learns any shape. From
         a background start with unit-variance features, the gradient is almost entirely "raise
-        the foreground voxels", a signal about where the atrium is. Measured on phantoms (8
-        training cases of 64x160x160 and 64x192x192, --base_channels 4, batch sizes and
-        learning rates at their defaults): segmenter validation Dice after 40
-        steps 0.12 from the default start, 0.73 from this one; locator training loss after 30
-        epochs 0.25 and 0.17.
+        the foreground voxels", a signal about where the atrium is (measurements:
+        docs/experiments.md, "Start of training").
 
         One forward pass: each convolution, in the order the forward pass reaches it, has its
         weight and bias divided by the standard deviation of its output, and that output is

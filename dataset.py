@@ -250,6 +250,8 @@ def binary_mask(array, name: str, foreground=(1,)) -> np.ndarray:
         return a
     if a.dtype.kind not in "uif":
         raise ValueError(f"{name}: expected a binary mask, got dtype {a.dtype}")
+    if a.dtype.kind in "ui" and 1 in foreground and a.size and a.min() >= 0 and a.max() <= 1:
+        return a.view(bool) if a.dtype.itemsize == 1 else a != 0  # 0/1 integers: two reductions suffice
     values = np.unique(a[a != 0])  # NaN is non-zero, and never a foreground value
     if values.size > 1 or (values.size == 1 and values[0] not in foreground):
         shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if values.size > 6 else "")

@@ -215,11 +215,12 @@ def write_run_files(args, run_dir: Path, split: dict, stages: list[str]) -> None
     write_json(config_path, config)
 
 
-def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, device, resume):
-    """The locator stage: its data (validated as they are decoded), the run files, training."""
+def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, device, resume, stages):
+    """The locator stage: its data (validated as they are decoded), the run files of the
+    `stages` trained now, training."""
     factors = ds.downscale_factors(args.scale_factor)
     data = training.load_locator_cases(cases, survey.spacing, factors, survey.padded_shape(factors))
-    write_run_files(args, run_dir, split, ["locator", "segmenter"] if args.stage == "both" else ["locator"])
+    write_run_files(args, run_dir, split, stages)
     return training.train_locator(stage_model(args, "locator"), data, split, stage_settings(args, "locator"),
                                   run_dir, survey, device, resume)
 
@@ -227,7 +228,8 @@ def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, de
 def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, device, resume,
                     locator_path: Path, locations: dict | None) -> Path:
     """The segmenter stage on a trained locator: where the locator stage put each case, or where
-    this locator puts it now; the crops' size; the data; training."""
+    this locator puts it now; the crops' size; the data; the run files when no locator stage
+    wrote them; training."""
     locator_ckpt = inference.load_checkpoint(locator_path, "locator", "--locator_path")
     if not ds.same_spacing(locator_ckpt["config"]["spacing"], survey.spacing):
         raise UserError(f"--locator_path {locator_path}: trained at spacing {locator_ckpt['config']['spacing']}, "
@@ -246,7 +248,7 @@ def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, 
             return locations[case_id]
     settings = stage_settings(args, "segmenter")
     data = training.load_segmenter_cases(cases, survey.spacing, patch, settings, locate)
-    if args.stage == "segmenter":
+    if locations is None:
         write_run_files(args, run_dir, split, ["segmenter"])
     return training.train_segmenter(stage_model(args, "segmenter"), cases, data, split, settings, run_dir,
                                     survey.spacing, patch, locator_ckpt, locator_path, device, resume)
@@ -290,7 +292,7 @@ def main(argv=None):
           f"spacing {survey.spacing} mm")
     locations = None
     if "locator" in stages:
-        locator_path, locations = train_locator(args, cases, split, survey, run_dir, device, resume)
+        locator_path, locations = train_locator(args, cases, split, survey, run_dir, device, resume, stages)
         resume = None
     if "segmenter" in stages:
         train_segmenter(args, cases, split, survey, run_dir, device, resume, locator_path, locations)

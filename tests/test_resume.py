@@ -2,6 +2,7 @@
 bit; a bad --resume is refused; a checkpoint survives a killed writer; Ctrl-C names the resume
 command; two processes under torchrun train in step. The slow ones are marked `slow`."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     train_ok("--data_dir", tiny_data, "--output_dir", whole, "--max_epochs", "2", *FLAGS)
     train_ok("--data_dir", tiny_data, "--output_dir", halves, "--max_epochs", "1", *FLAGS)
     proc = train_ok("--resume", halves, "--max_epochs", "2")
+    assert json.loads((halves / "config.json").read_text())["segmenter"]["max_epochs"] == 2  # the flags it ran with
     assert "segmenter: resuming after epoch 1 of 2" in proc.stdout
     for stage in ("locator", "segmenter"):
         assert log_rows(whole, stage) == log_rows(halves, stage)

@@ -54,6 +54,7 @@ def test_dice_loss_logs_no_boundary_weight_and_checkpoints_no_schedule(trained_r
     run = tmp_path / "run"
     train_segmenter(trained_run, tiny_data, run, "--loss_criterion", "Focal", "--max_epochs", "1")
     train_ok("--resume", run, "--max_epochs", "2")
+    assert json.loads((run / "config.json").read_text())["segmenter"]["max_epochs"] == 2
     assert [r["boundary_weight"] for r in log_rows(run, "segmenter")] == ["", ""]
     assert plots.training_curves(tmp_path / "c.png", log_rows(run, "segmenter")) == ["training loss", "validation Dice"]
 

@@ -257,7 +257,7 @@ def binary_mask(array, name: str, foreground=(1,)) -> np.ndarray:
         shown = ", ".join(str(v) for v in values[:6].tolist()) + (", ..." if values.size > 6 else "")
         expected = " or ".join(f"0 and {v}" for v in foreground)
         raise ValueError(f"{name} is not a binary mask (non-zero values {shown}); expected {expected}")
-    return a.view(bool) if a.dtype.itemsize == 1 and values.size and values[0] == 1 else a != 0
+    return a != 0  # floats 0/1, or integers 0/255 (0/1 integers returned above)
 
 
 def read_mask(array: np.ndarray, path, what: str = "label") -> np.ndarray:

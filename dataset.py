@@ -12,7 +12,6 @@ them.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,30 +297,6 @@ def load_training_case(case: Case, spacing) -> tuple[np.ndarray, float, np.ndarr
         label, _ = resample(label, props, spacing, label=True)
     image, pad_value = zscore(image)
     return image, pad_value, label
-
-
-def make_split(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Seeded train/validation split; at least one validation case when there are two or more."""
-    ids = sorted(case_ids)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_val = 0 if len(ids) < 2 else min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
-    val = sorted(ids[i] for i in order[:n_val])
-    return {"train": [i for i in ids if i not in val], "val": val}
-
-
-def read_split(path, case_ids) -> dict[str, list[str]]:
-    try:
-        split = json.loads(Path(path).read_text())
-        assert isinstance(split.get("train"), list) and isinstance(split.get("val"), list)
-    except (OSError, ValueError, AssertionError, AttributeError):
-        raise UserError(f"--split {path}: not a split file; "
-                        "expected JSON {\"train\": [...], \"val\": [...]}") from None
-    unknown = sorted(set(split["train"] + split["val"]) - set(case_ids))
-    if unknown:
-        raise UserError(f"--split {path}: case ids not in the data folder: {', '.join(unknown[:5])}")
-    if not split["train"]:
-        raise UserError(f"--split {path}: no training cases")
-    return {"train": list(split["train"]), "val": list(split["val"])}
 
 
 # ----------------------------------------------------------------------------- masks

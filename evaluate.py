@@ -2,6 +2,7 @@
 
     python evaluate.py --pred_dir runs/demo/predictions --data_dir data/phantoms_test \
         [--csv scores.csv] [--plot scores.png] [--missing_as_empty]
+    python evaluate.py --crossval RUN      # a cross-validation run of train.py --num_folds
 
 Predictions are matched to labels by case id (`<pred_dir>/<case_id>.nrrd`, `.nii.gz`, `.nii`,
 `.mha` or `.mhd`, 0/1 or 0/255); the labels are found in either dataset layout. A case without a
@@ -13,17 +14,26 @@ ASSD in mm between surface voxels. Outputs: the per-case table with mean +- std 
 per case as CSV (default `<pred_dir>/evaluation.csv`) and a PNG box plot of Dice and HD95 over the
 cases (default: beside the CSV, `<csv name>.png`). An existing file at either path is replaced
 only when this script wrote it; anything else needs `--overwrite`.
+
+`--crossval RUN` collects the validation metrics of every fold (RUN/fold_K/validation/
+metrics.csv, written by train.py) into RUN/crossval.csv (one row per case, with its fold) and
+RUN/crossval_summary.json (per fold and pooled over all cases: the number of cases and the
+mean, std and median of every metric, and the empty-mask rule), and prints them as a table. A
+fold missing or unfinished is an error naming it, or, with `--partial`, named in the summary
+and left out.
 """
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
 
 import dataset as ds
 import plots
-from metrics import compute_metrics, format_table
-from utils import ArgParser, UserError, run_cli, write_csv
+from metrics import EMPTY_MASK_RULE, METRIC_KEYS, compute_metrics, describe_cases, format_summary_table, format_table
+from utils import ArgParser, UserError, run_cli, write_csv, write_json
 
 
 def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
@@ -61,10 +71,64 @@ def score(case: ds.Case, prediction: Path | None) -> dict:
     return {"case_id": case.case_id, **compute_metrics(pred, label, spacing=props["spacing"])}
 
 
+def fold_rows(run_dir: Path, k: int, val_ids: list[str]) -> tuple[list[dict], str | None]:
+    """The validation metrics of fold `k`, or why there are none (a missing fold, or one whose
+    metrics lack some of its validation cases)."""
+    path = run_dir / f"fold_{k}" / "validation" / "metrics.csv"
+    if not path.is_file():
+        return [], f"fold {k} is unfinished (no {path})"
+    try:
+        with open(path, newline="") as f:
+            rows = [{"case_id": r["case_id"], "fold": k, **{m: float(r[m]) for m in METRIC_KEYS}}
+                    for r in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
+        return [], f"fold {k}: {path} is not a metrics table of predict.py; retrain the fold"
+    lacking = sorted(set(val_ids) - {r["case_id"] for r in rows})
+    if lacking:
+        return [], f"fold {k}: {path} lacks validation case(s) {', '.join(lacking[:5])}"
+    return [r for r in rows if r["case_id"] in set(val_ids)], None
+
+
+def crossval(run_dir: Path, partial: bool) -> None:
+    """RUN/crossval.csv and RUN/crossval_summary.json from every fold's validation metrics."""
+    try:
+        folds = json.loads((run_dir / "splits_final.json").read_text())
+        val = [list(fold["val"]) for fold in folds]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise UserError(f"--crossval {run_dir}: no readable splits_final.json there; pass a run folder of "
+                        "train.py --num_folds N") from None
+    rows, missing = [], []
+    for k, ids in enumerate(val):
+        got, why = fold_rows(run_dir, k, ids)
+        rows += got
+        missing += [why] if why else []
+    if missing and not partial:
+        raise UserError(f"--crossval {run_dir}: {'; '.join(missing)}; finish it with train.py --resume {run_dir}, "
+                        "or pass --partial to report the finished folds")
+    if not rows:
+        raise UserError(f"--crossval {run_dir}: no fold is finished yet")
+    done = sorted({r["fold"] for r in rows})
+    per_fold = [(f"fold {k}", describe_cases([r for r in rows if r["fold"] == k])) for k in done]
+    pooled = describe_cases(rows)
+    summary = {"num_folds": len(folds), "folds": {name.split()[1]: d for name, d in per_fold}, "pooled": pooled,
+               "missing": missing, "empty_mask_rule": EMPTY_MASK_RULE,
+               "units": "ratios in [0, 1]; hd, hd95 and assd in mm, between surface voxels"}
+    write_csv(run_dir / "crossval.csv", rows)
+    write_json(run_dir / "crossval_summary.json", summary)
+    print(format_summary_table([*per_fold, ("pooled", pooled)]))
+    print("pooled median: " + ", ".join(f"{k} {pooled[k]['median']:.3f}" for k in METRIC_KEYS))
+    print(f"empty masks: {EMPTY_MASK_RULE}")
+    for why in missing:
+        print(f"left out: {why}")
+    print(f"per-case table written to {run_dir / 'crossval.csv'}; summary to {run_dir / 'crossval_summary.json'}")
+
+
 def main(argv=None):
     p = ArgParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--pred_dir", required=True, help="folder of predicted masks <case_id>.nrrd")
-    p.add_argument("--data_dir", required=True, help="dataset folder with the labels (LASC or MSD layout)")
+    p.add_argument("--pred_dir", help="folder of predicted masks <case_id>.nrrd")
+    p.add_argument("--data_dir", help="dataset folder with the labels (LASC or MSD layout)")
+    p.add_argument("--crossval", metavar="RUN", help="instead: report the validation folds of a cross-validation run")
+    p.add_argument("--partial", action="store_true", help="with --crossval: report the finished folds only")
     p.add_argument("--csv", help="where to write the per-case table (default: <pred_dir>/evaluation.csv)")
     p.add_argument("--plot", help="where to write the box plot of Dice and HD95, a .png "
                                   "(default: beside the CSV, <csv name>.png)")
@@ -72,6 +136,13 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace files at --csv/--plot that evaluate.py did not write")
     args = p.parse_args(argv)
+    if args.crossval:
+        if args.pred_dir or args.data_dir:
+            raise UserError("--crossval reads the run's own validation predictions: drop --pred_dir/--data_dir")
+        crossval(Path(args.crossval), args.partial)
+        return
+    if not (args.pred_dir and args.data_dir):
+        raise UserError("give --pred_dir and --data_dir (or --crossval RUN)")
     pred_dir = Path(args.pred_dir)
     if not pred_dir.is_dir():
         raise UserError(f"--pred_dir {pred_dir}: no such folder")

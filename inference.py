@@ -93,22 +93,47 @@ def load_model(ckpt: dict, path, device: torch.device) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- running a model
 
-@torch.no_grad()
-def probabilities(model: torch.nn.Module, array: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
-    """Foreground probabilities of one (D, H, W) volume, float32 (D, H, W).
+AVERAGES = ("probabilities", "logits")  # what an ensemble (and --tta) averages; see docs/prediction.md
 
-    `tta`: the mean of the probabilities on the volume and on its W-mirror (mirrored back),
-    the one flip training augments with (`augment.flip_w`); it costs a second forward pass.
+
+@torch.no_grad()
+def ensemble_probabilities(models: list[torch.nn.Module], array: np.ndarray, device: torch.device,
+                           tta: bool = False, average: str = "probabilities") -> np.ndarray:
+    """Foreground probabilities of one (D, H, W) volume, float32 (D, H, W): the mean over
+    `models` of each model's output, one model in memory use at a time beside one accumulator.
+
+    `tta`: each model's output is the mean over the volume and its W-mirror (mirrored back), the
+    one flip training augments with; it costs a second forward pass per model. `average`:
+    "probabilities" averages sigmoids; "logits" averages the logits and takes the sigmoid of the
+    mean (nnU-Net's choice within one prediction). Each model's mean is taken before the
+    models', so that an ensemble of two identical models equals one model exactly.
     On a GPU the convolutions run in bf16 (fp16 where bf16 is missing) under autocast.
     """
+    if average not in AVERAGES:
+        raise ValueError(f"average {average!r}: expected one of {AVERAGES}")
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]  # (1, 1, D, H, W)
     x = x.to(device, memory_format=memory_format(device))
+    total = None
     with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
-        probs = torch.sigmoid(model(x).float())
-        if tta:
-            probs += torch.sigmoid(model(x.flip(-1)).float()).flip(-1)
-            probs *= 0.5
-    return probs[0, 0].cpu().numpy()
+        for model in models:
+            out = model(x).float()
+            if tta:
+                out = (out + model(x.flip(-1)).float().flip(-1)) if average == "logits" else \
+                    (torch.sigmoid(out) + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
+                out *= 0.5
+            elif average == "probabilities":
+                out = torch.sigmoid(out)
+            total = out if total is None else total.add_(out)
+            del out
+    total /= len(models)
+    if average == "logits":
+        total = torch.sigmoid(total)
+    return total[0, 0].cpu().numpy()
+
+
+def probabilities(model: torch.nn.Module, array: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
+    """Foreground probabilities of one model (see `ensemble_probabilities`)."""
+    return ensemble_probabilities([model], array, device, tta)
 
 
 def locate(locator: torch.nn.Module, low: np.ndarray, pad_before, shape, factors, device: torch.device,
@@ -122,37 +147,75 @@ def locate(locator: torch.nn.Module, low: np.ndarray, pad_before, shape, factors
 
 @dataclass
 class TwoStage:
-    """A trained locator and segmenter with what their checkpoints record about their input."""
-    locator: torch.nn.Module
-    segmenter: torch.nn.Module
+    """Trained locators and segmenters (one of each, or the models of several folds) with what
+    their checkpoints record about their input, which every model of a stage shares."""
+    locators: list[torch.nn.Module]
+    segmenters: list[torch.nn.Module]
     factors: tuple[int, int, int]      # locator downscaling blocks, e.g. (2, 4, 4)
     patch_size: tuple[int, int, int]   # segmenter input, e.g. (96, 144, 224)
     spacing: tuple[float, float, float]  # training spacing (sz, sy, sx) mm
     device: torch.device
     tta: bool = False                  # average each model over the input and its W-mirror
+    average: str = "probabilities"     # what the mirrors and the models average (AVERAGES)
 
 
-def load_two_stage(locator_path, segmenter_path, device: torch.device, tta: bool = False) -> TwoStage:
-    loc = load_checkpoint(locator_path, "locator", "--locator_path")
-    seg = load_checkpoint(segmenter_path, "segmenter", "--segmenter_path")
+def _as_paths(paths) -> list[Path]:
+    return [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+
+
+def _agree(ckpts: list[tuple[Path, dict]], flag: str, what: str, value) -> None:
+    """Every checkpoint of an ensemble records the same `value(config)`, else name two that differ."""
+    first_path, first = ckpts[0]
+    for path, ckpt in ckpts[1:]:
+        a, b = value(first["config"]), value(ckpt["config"])
+        if a != b:
+            raise UserError(f"{flag} {first_path} and {path}: trained with different {what} ({a} and {b}); "
+                            "an ensemble takes the checkpoints of one run's folds")
+
+
+def _channels(config: dict) -> tuple:
+    return config["arch"].get("in_channels"), config["arch"].get("out_channels")
+
+
+def load_two_stage(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
+                   average: str = "probabilities", flags=("--locator_path", "--segmenter_path")) -> TwoStage:
+    """The models of one checkpoint per stage, or of several (a fold ensemble) that agree on
+    their input (spacing, downscaling or patch size, channels and classes)."""
+    stages = []
+    for role, paths, flag in (("locator", locator_paths, flags[0]), ("segmenter", segmenter_paths, flags[1])):
+        ckpts = [(p, load_checkpoint(p, role, flag)) for p in _as_paths(paths)]
+        if not ckpts:
+            raise UserError(f"{flag}: no checkpoint given")
+        _agree(ckpts, flag, "spacings", lambda c: [round(s, 4) for s in c["spacing"]])
+        _agree(ckpts, flag, "input channels and classes", _channels)
+        if role == "locator":
+            _agree(ckpts, flag, "scale factors", lambda c: list(ds.downscale_factors(c["scale_factor"])))
+        else:
+            _agree(ckpts, flag, "patch sizes", lambda c: list(c["patch_size"]))
+        stages.append(ckpts)
+    (loc_path, loc), (seg_path, seg) = stages[0][0], stages[1][0]
     if not ds.same_spacing(loc["config"]["spacing"], seg["config"]["spacing"]):
-        raise UserError(f"--locator_path {locator_path} and --segmenter_path {segmenter_path} were trained at "
+        raise UserError(f"{flags[0]} {loc_path} and {flags[1]} {seg_path} were trained at "
                         "different spacings; use the two checkpoints of one run")
-    return TwoStage(load_model(loc, locator_path, device), load_model(seg, segmenter_path, device),
+    return TwoStage([load_model(c, p, device) for p, c in stages[0]], [load_model(c, p, device) for p, c in stages[1]],
                     ds.downscale_factors(loc["config"]["scale_factor"]), tuple(seg["config"]["patch_size"]),
-                    tuple(seg["config"]["spacing"]), device, tta)
+                    tuple(seg["config"]["spacing"]), device, tta, average)
 
 
 def locate_scan(pipe: TwoStage, image: np.ndarray, pad_value: float) -> ds.Location:
-    """Run the locator on a z-scored scan at training spacing, padded by its own shape."""
+    """Run the locators on a z-scored scan at training spacing, padded by its own shape. Their
+    probabilities are averaged on the downscaled grid before the crop is placed, so that every
+    segmenter of an ensemble sees the same crop."""
     low, pad_before = ds.locator_input(image, pad_value, pipe.factors)
-    return locate(pipe.locator, low, pad_before, image.shape, pipe.factors, pipe.device, pipe.tta)
+    prob = ensemble_probabilities(pipe.locators, low, pipe.device, pipe.tta, pipe.average)
+    return ds.locate(prob, pipe.factors, pad_before, image.shape)
 
 
 def segment_at(pipe: TwoStage, image: np.ndarray, pad_value: float, centre) -> np.ndarray:
-    """Segmenter probabilities of the fixed-size crop at `centre`, pasted into a zero volume."""
+    """The segmenters' mean probabilities of the fixed-size crop at `centre`, pasted into a zero volume."""
     start = ds.crop_start(centre, pipe.patch_size, image.shape)
-    prob = probabilities(pipe.segmenter, ds.crop(image, start, pipe.patch_size, pad_value), pipe.device, pipe.tta)
+    crop = ds.crop(image, start, pipe.patch_size, pad_value)
+    prob = ensemble_probabilities(pipe.segmenters, crop, pipe.device, pipe.tta, pipe.average)
     return ds.paste(prob, start, image.shape)
 
 

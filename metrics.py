@@ -174,6 +174,19 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, *, spacing) -> dict[st
             "assd": float((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size))}
 
 
+EMPTY_MASK_RULE = ("both masks empty: every ratio 1 and every distance 0; exactly one empty (a missed or an "
+                   "invented atrium): Dice and IoU 0 and every distance the volume's diagonal in mm")
+
+
+def describe_cases(rows: list[dict[str, float]], keys=METRIC_KEYS) -> dict:
+    """The number of cases and, per metric, mean, standard deviation (population) and median."""
+    out: dict = {"cases": len(rows)}
+    for k in keys:
+        v = np.array([r[k] for r in rows], dtype=np.float64)
+        out[k] = {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
+    return out
+
+
 def summarise(rows: list[dict[str, float]], keys) -> dict[str, tuple[float, float]]:
     """Mean and standard deviation (population) of each metric over cases."""
     return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
@@ -194,6 +207,20 @@ def format_table(rows: list[dict], keys=METRIC_KEYS) -> str:
     table = [["case", *keys]]
     table += [[r["case_id"], *(_cell(k, r[k]) for k in keys)] for r in rows]
     table.append(["mean +- std", *(_summary_cell(k, *stats[k]) for k in keys)])
+    return _render(table, keys)
+
+
+def format_summary_table(groups: list[tuple[str, dict]], keys=METRIC_KEYS) -> str:
+    """One line of mean +- std per group of cases (`(name, describe_cases(...))`, e.g. each fold
+    and all folds pooled), with the number of cases."""
+    table = [["", "cases", *keys]]
+    table += [[name, str(d["cases"]), *(_summary_cell(k, d[k]["mean"], d[k]["std"]) for k in keys)]
+              for name, d in groups]
+    return _render(table, keys)
+
+
+def _render(table: list[list[str]], keys) -> str:
+    """Columns padded to their widest cell, the first left-aligned; the distances' unit below."""
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
              for line in table]

@@ -5,12 +5,15 @@
         [--save_probabilities] [--overlays]
     python predict.py --input scan.nrrd --output mask.nrrd --locator_path L.pt --segmenter_path S.pt
     python predict.py --input DICOM_SERIES_FOLDER scan2.nii.gz --output_dir OUT ...
+    python predict.py --data_dir DATA --run RUN --folds 0 1 2 3 4 --output_dir OUT   # fold ensemble
 
 Per scan: resample to the training spacing if it differs -> z-score -> pad and downscale ->
 locator -> centre of its largest component -> fixed-size crop -> segmenter -> paste into a
 zero volume -> probabilities back onto the scan's own grid (linear) -> threshold at 0.5 ->
 optionally the largest connected component -> mask with the scan's exact size, spacing, origin
-and direction. The architecture and pre-processing come from the checkpoints, so there are no
+and direction. A fold ensemble (several checkpoints per stage, or --run) averages the locators'
+probabilities on the downscaled grid, places one crop, and averages the segmenters' on it. The
+architecture and pre-processing come from the checkpoints, so there are no
 model flags. One case is in memory at a time; a case that fails is reported and the others go
 on (exit status 1 at the end). With labels present, OUT/metrics.csv holds the per-case metrics
 and their mean +- std is printed.
@@ -18,46 +21,16 @@ and their mean +- std is printed.
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import sys
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 import dataset as ds
 import inference
-import plots
-from metrics import METRIC_KEYS, compute_metrics, summarise
-from utils import ArgParser, UserError, run_cli, write_csv
-
-OUTPUT_SUFFIX = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha"}
-
-
-def output_paths(out_path: Path) -> dict[str, Path]:
-    """The files of one case beside its mask: `<name>_prob<ext>` and `<name>_overlay.png`."""
-    suffix = next((s for s in OUTPUT_SUFFIX.values() if out_path.name.endswith(s)), out_path.suffix)
-    base = out_path.name[: len(out_path.name) - len(suffix)] if suffix else out_path.name
-    return {"mask": out_path, "prob": out_path.with_name(f"{base}_prob{suffix}"),
-            "overlay": out_path.with_name(f"{base}_overlay.png")}
-
-
-FLAGS = ("locator_found", "larger_than_patch")  # metrics.csv columns beside the metrics
-
-
-def flag_cells(flags: dict) -> dict:
-    """The locator flags as metrics.csv cells: 1 or 0, or "" where unknown (a kept mask whose
-    run did not record them)."""
-    return {k: "" if flags.get(k, "") == "" else int(flags[k] in (True, 1, "1")) for k in FLAGS}
-
-
-def previous_flags(path: Path) -> dict[str, dict]:
-    """Locator flags of each case in an earlier metrics.csv, for the masks a rerun keeps."""
-    try:
-        with open(path, newline="") as f:
-            return {r["case_id"]: flag_cells(r) for r in csv.DictReader(f) if "locator_found" in r}
-    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
-        return {}
+import prediction
+from metrics import METRIC_KEYS, summarise
+from prediction import OUTPUT_SUFFIX
+from utils import ArgParser, UserError, run_cli
 
 
 def parse_args(argv=None):
@@ -89,9 +62,15 @@ def parse_args(argv=None):
     post.add_argument("--largest_component", action="store_true",
                       help="keep only the largest 26-connected component of each mask (drops stray islands)")
     m = p.add_argument_group("models")
-    m.add_argument("--locator_path", default="runs/demo/locator/best.pt", help="locator checkpoint")
-    m.add_argument("--segmenter_path", "--segmentor_path", dest="segmenter_path",
-                   default="runs/demo/segmenter/best.pt", help="segmenter checkpoint")
+    m.add_argument("--locator_path", nargs="+",
+                   help="locator checkpoint(s); several: their probabilities are averaged before the crop is placed "
+                        "(default: runs/demo/locator/best.pt)")
+    m.add_argument("--segmenter_path", "--segmentor_path", dest="segmenter_path", nargs="+",
+                   help="segmenter checkpoint(s); several: their probabilities on the crop are averaged "
+                        "(default: runs/demo/segmenter/best.pt)")
+    m.add_argument("--run", help="cross-validation run folder (train.py --num_folds): predict with the ensemble of "
+                                 "its folds' best.pt")
+    m.add_argument("--folds", type=int, nargs="+", metavar="K", help="with --run: which folds (default: all)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     return p.parse_args(argv)
 
@@ -128,92 +107,67 @@ def cases_from_args(args) -> list[ds.Case]:
     return cases
 
 
-def predict_case(pipe: inference.TwoStage, case: ds.Case, paths: dict, wanted: set, args) -> dict:
-    """Predict one case and write the outputs named in `wanted` ("mask", "prob", "overlay").
-    Returns its metrics row (when it has a label) and, when its mask was written now, the
-    locator flags; outputs not wanted are read back from disk when needed (a kept mask still
-    gets scored and drawn)."""
-    image, props = ds.read_image(case.image)
-    image = ds.check_image(image, case.image)
-    flags = None
-    if wanted & {"mask", "prob"}:
-        prob, location = inference.predict_two_stage(pipe, image, props)
-        mask = inference.to_mask(prob, args.largest_component)
-        if "prob" in wanted:
-            ds.write_image(prob, props, paths["prob"])
-        del prob
-        flags = flag_cells({"locator_found": location.found,
-                            "larger_than_patch": location.larger_than(pipe.patch_size)})
-    if "mask" in wanted:
-        ds.write_image(mask * np.uint8(args.label_value), props, paths["mask"])
-    elif case.label is not None or "overlay" in wanted:
-        kept, kept_props = ds.read_image(paths["mask"])
-        if kept.shape != image.shape or not ds.same_geometry(kept_props, props):
-            raise UserError(f"{paths['mask']}: an existing mask not on its scan's grid; pass --overwrite to redo it")
-        mask = ds.read_mask(kept, paths["mask"], "mask")
-    label = ds.load_label(case.label, image.shape, props) if case.label is not None else None
-    if "overlay" in wanted:
-        plots.overlay(paths["overlay"], image, mask, label, props["spacing"], case.case_id)
-    row = None if label is None else {"case_id": case.case_id, **compute_metrics(mask, label, spacing=props["spacing"])}
-    return {"row": row, "flags": flags if "mask" in wanted else None}
-
-
-def warnings_of(case_id: str, flags: dict) -> list[str]:
-    out = []
-    if flags["locator_found"] == 0:
-        out.append(f"{case_id}: the locator found nothing; cropped at the volume centre")
-    if flags["larger_than_patch"] == 1:
-        out.append(f"{case_id}: the located atrium is larger than the segmenter's patch")
-    return out
-
-
-def report(rows: list[dict], out_dir: Path, written: int, kept: int, flagged: list[str], failed: list[str]) -> None:
+def report(outcome: prediction.Outcome, out_dir: Path) -> None:
     """What a run did: masks written and kept, the locator's warnings, the metrics of labelled
     cases (OUT/metrics.csv and their mean +- std), the failed cases (exit status 1)."""
-    kept_note = f"; kept {kept} existing (--overwrite replaces them)" if kept else ""
-    print(f"wrote {written} mask(s) to {out_dir}{kept_note}")
-    for f in flagged:
+    kept_note = f"; kept {outcome.kept} existing (--overwrite replaces them)" if outcome.kept else ""
+    print(f"wrote {outcome.written} mask(s) to {out_dir}{kept_note}")
+    for f in outcome.flagged:
         print(f"warning: {f}", file=sys.stderr)
-    if rows:
-        write_csv(out_dir / "metrics.csv", rows)
-        print(f"metrics over {len(rows)} case(s) ({out_dir / 'metrics.csv'}):")
-        for k, (mean, std) in summarise(rows, METRIC_KEYS).items():
+    if prediction.write_metrics(outcome.rows, out_dir):
+        print(f"metrics over {len(outcome.rows)} case(s) ({out_dir / 'metrics.csv'}):")
+        for k, (mean, std) in summarise(outcome.rows, METRIC_KEYS).items():
             print(f"  {k:<12} {mean:.3f} +- {std:.3f}")
-    if failed:
-        print(f"{len(failed)} case(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+    if outcome.failed:
+        print(f"{len(outcome.failed)} case(s) failed:\n  " + "\n  ".join(outcome.failed), file=sys.stderr)
         sys.exit(1)
+
+
+def model_paths(args) -> tuple[list[Path], list[Path], tuple[str, str]]:
+    """The locator and segmenter checkpoints: those given, or best.pt of each of `--folds` of
+    the cross-validation run `--run` (all its folds by default), or the demo run's."""
+    if args.run is None:
+        if args.folds is not None:
+            raise UserError("--folds picks folds of a cross-validation run: give it with --run RUN")
+        return ([Path(p) for p in args.locator_path or ["runs/demo/locator/best.pt"]],
+                [Path(p) for p in args.segmenter_path or ["runs/demo/segmenter/best.pt"]],
+                ("--locator_path", "--segmenter_path"))
+    run = Path(args.run)
+    if args.locator_path or args.segmenter_path:
+        raise UserError("--run takes the checkpoints of its folds: drop --locator_path/--segmenter_path, "
+                        "or drop --run")
+    splits_path = run / "splits_final.json"
+    try:
+        num_folds = len(json.loads(splits_path.read_text()))
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"--run {run}: no readable splits_final.json there; pass a run folder trained with "
+                        "train.py --num_folds N") from None
+    folds = args.folds if args.folds is not None else list(range(num_folds))
+    bad = [k for k in folds if not 0 <= k < num_folds]
+    if bad or len(set(folds)) < len(folds):
+        raise UserError(f"--folds {' '.join(map(str, folds))}: each fold once, from 0 to {num_folds - 1} "
+                        f"({splits_path} holds {num_folds})")
+    return ([run / f"fold_{k}" / "locator" / "best.pt" for k in folds],
+            [run / f"fold_{k}" / "segmenter" / "best.pt" for k in folds], ("--run", "--run"))
 
 
 def main(argv=None):
     args = parse_args(argv)
     cases = cases_from_args(args)
+    locators, segmenters, flags = model_paths(args)
     inference.set_cpu_threads()
-    pipe = inference.load_two_stage(args.locator_path, args.segmenter_path, inference.resolve_device(args.device),
-                                    tta=args.tta)
+    pipe = inference.load_two_stage(locators, segmenters, inference.resolve_device(args.device),
+                                    tta=args.tta, flags=flags)
+    if len(pipe.locators) + len(pipe.segmenters) > 2:
+        print(f"ensemble of {len(pipe.locators)} locator(s) and {len(pipe.segmenters)} segmenter(s)")
     out_dir = Path(args.output).parent if args.output else Path(args.output_dir)
     if args.output and Path(args.output).exists() and not args.overwrite:
         raise UserError(f"--output {args.output}: already exists; pass --overwrite to replace it")
-    earlier = previous_flags(out_dir / "metrics.csv")
-    asked = {"mask"} | ({"prob"} if args.save_probabilities else set()) | ({"overlay"} if args.overlays else set())
-    rows, failed, flagged, written = [], [], [], 0
-    for case in tqdm(cases, desc="predict", unit="case", disable=not sys.stderr.isatty()):
-        out_path = Path(args.output) if args.output else out_dir / f"{case.case_id}{OUTPUT_SUFFIX[args.output_format]}"
-        paths = output_paths(out_path)
-        wanted = {k for k in asked if args.overwrite or not paths[k].exists()}
-        try:
-            result = predict_case(pipe, case, paths, wanted, args)
-        except UserError as e:
-            if len(cases) == 1:
-                raise  # nothing else to go on with: the one-line error of a single scan
-            failed.append(f"{case.case_id}: {e}")
-            tqdm.write(f"failed: {case.case_id}: {e}", file=sys.stderr)
-            continue
-        written += "mask" in wanted
-        flags = result["flags"] or earlier.get(case.case_id, flag_cells({}))  # a kept mask: as its run recorded
-        flagged += warnings_of(case.case_id, flags)
-        if result["row"] is not None:
-            rows.append({**result["row"], **flags})
-    report(rows, out_dir, written, len(cases) - written - len(failed), flagged, failed)
+    opts = prediction.Outputs(output_format=args.output_format, label_value=args.label_value,
+                              largest_component=args.largest_component, probabilities=args.save_probabilities,
+                              overlays=args.overlays, overwrite=args.overwrite)
+    outcome = prediction.predict_cases(pipe, cases, out_dir, opts, Path(args.output) if args.output else None)
+    report(outcome, out_dir)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ training.py; this script turns flags into its settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import dataset as ds
 import inference
+import splits
 import synthetic
 import training
 from augment import add_augment_args, augmenter_from_args
@@ -28,6 +30,7 @@ from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, LOSS_NAMES, Boundar
 from models import VNet, count_parameters, describe, model_arch
 from utils import ArgParser, UserError, parse_bool, run_cli, write_json
 
+STAGES = ["locator", "segmenter"]
 DEMO_DATA = "data/phantoms"  # the default --data_dir: phantoms are generated there when it is absent
 
 
@@ -39,7 +42,15 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--output_dir", default="runs/demo", help="run folder")
     g.add_argument("--stage", choices=("both", "locator", "segmenter"), default="both", help="which stage(s) to train")
     g.add_argument("--locator_path", help="trained locator for --stage segmenter (default: RUN/locator/best.pt)")
-    g.add_argument("--split", help="JSON split file to reuse (default: RUN/split.json if present, else a new one)")
+    g.add_argument("--split", help="JSON split file to reuse: {\"train\": [...], \"val\": [...]}, or nnU-Net's "
+                   "splits_final.json (a list of those, one per fold: pick with --fold) (default: the run's own "
+                   "split.json or splits_final.json if present, else a new one)")
+    g.add_argument("--num_folds", type=int, help="cross-validation: split the cases into N folds "
+                   "(RUN/splits_final.json) and train fold K into RUN/fold_K/")
+    g.add_argument("--fold", help="which fold to train, 0..N-1, or 'all' (the default with --num_folds): each "
+                   "in turn, skipping folds already finished (unless --overwrite)")
+    g.add_argument("--group_by", metavar="REGEX", help="keep the cases of one patient in one fold: the regex's "
+                   "first group, searched in the case id, names the patient (e.g. '^(patient\\d+)_')")
     g.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases held out for validation")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, weights, sampling and augmentation")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
@@ -181,16 +192,18 @@ def resume_settings(argv, run_dir: Path):
     if not config_path.is_file():
         raise UserError(f"--resume {run_dir}: no config.json there; pass a run folder written by train.py")
     config = json.loads(config_path.read_text())
-    saved = config.get("segmenter") or config.get("locator") or {}
+    saved = config.get("segmenter") or config.get("locator") or config.get("crossval") or {}
     saved = {k: v for k, v in saved.items() if k not in ("resume", "overwrite", "dry_run")}
     args = parse_args(argv, defaults=saved)
     args.output_dir = str(run_dir)
     return args
 
 
-def resume_point(args, run_dir: Path, stages: list[str]) -> tuple[list[str], dict | None]:
+def resume_point(args, run_dir: Path, stages: list[str], finished_ok: bool = False) -> tuple[list[str], dict | None]:
     """The stages still to train and the latest.pt of the first one, if it has one. A stage
-    after a resumed one is trained anew: it depends on the earlier stage's final weights."""
+    after a resumed one is trained anew: it depends on the earlier stage's final weights.
+    Every stage finished: no stage (`finished_ok`, a fold whose validation is still to run),
+    else an error."""
     for i, stage in enumerate(stages):
         latest = run_dir / stage / "latest.pt"
         if not latest.exists():
@@ -199,8 +212,25 @@ def resume_point(args, run_dir: Path, stages: list[str]) -> tuple[list[str], dic
         max_epochs = (args.locator_max_epochs or args.max_epochs) if stage == "locator" else args.max_epochs
         if ckpt["epoch"] < max_epochs:
             return stages[i:], ckpt
+    if finished_ok:
+        return [], None
     raise UserError(f"--resume {run_dir}: every stage has run its epochs already; raise --max_epochs "
                     "(or --locator_max_epochs) to train longer")
+
+
+def plan_stages(args, run_dir: Path, stages: list[str], finished_ok: bool = False):
+    """`(stages to train, checkpoint to resume from, locator path)` for the run in `run_dir`,
+    refusing a stage already trained there unless --overwrite or --resume (reads no data)."""
+    stages, resume = resume_point(args, run_dir, stages, finished_ok) if args.resume else (stages, None)
+    for stage in stages:
+        if (run_dir / stage / "best.pt").exists() and not (args.overwrite or args.resume):
+            raise UserError(f"--output_dir {run_dir}: the {stage} is already trained there "
+                            f"({run_dir / stage / 'best.pt'}); choose another --output_dir, pass --resume "
+                            f"{args.output_dir} to finish it, or --overwrite")
+    locator_path = Path(args.locator_path) if args.locator_path else run_dir / "locator" / "best.pt"
+    if stages and "locator" not in stages:
+        inference.load_checkpoint(locator_path, "locator", "--locator_path")  # fail before reading any data
+    return stages, resume, locator_path
 
 
 def write_run_files(args, run_dir: Path, split: dict, stages: list[str]) -> None:
@@ -215,18 +245,18 @@ def write_run_files(args, run_dir: Path, split: dict, stages: list[str]) -> None
     write_json(config_path, config)
 
 
-def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, device, resume, stages):
-    """The locator stage: its data (validated as they are decoded), the run files of the
-    `stages` trained now, training."""
+def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, device, resume, write_files):
+    """The locator stage: its data (validated as they are decoded), the run files
+    (`write_files()`, once the data passed), training."""
     factors = ds.downscale_factors(args.scale_factor)
     data = training.load_locator_cases(cases, survey.spacing, factors, survey.padded_shape(factors))
-    write_run_files(args, run_dir, split, stages)
+    write_files()
     return training.train_locator(stage_model(args, "locator"), data, split, stage_settings(args, "locator"),
                                   run_dir, survey, device, resume)
 
 
 def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, device, resume,
-                    locator_path: Path, locations: dict | None) -> Path:
+                    locator_path: Path, locations: dict | None, write_files) -> Path:
     """The segmenter stage on a trained locator: where the locator stage put each case, or where
     this locator puts it now; the crops' size; the data; the run files when no locator stage
     wrote them; training."""
@@ -249,9 +279,108 @@ def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, 
     settings = stage_settings(args, "segmenter")
     data = training.load_segmenter_cases(cases, survey.spacing, patch, settings, locate)
     if locations is None:
-        write_run_files(args, run_dir, split, ["segmenter"])
+        write_files()
     return training.train_segmenter(stage_model(args, "segmenter"), cases, data, split, settings, run_dir,
                                     survey.spacing, patch, locator_ckpt, locator_path, device, resume)
+
+
+def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_files) -> None:
+    """Train the planned stages (`plan_stages`) of one run, a single split or one fold."""
+    stages, resume, locator_path = plan
+    survey = training.read_survey(cases, split["train"])
+    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
+          f"spacing {survey.spacing} mm")
+    locations = None
+    if "locator" in stages:
+        locator_path, locations = train_locator(args, cases, split, survey, run_dir, device, resume,
+                                                lambda: write_files(stages))
+        resume = None
+    if "segmenter" in stages:
+        train_segmenter(args, cases, split, survey, run_dir, device, resume, locator_path, locations,
+                        lambda: write_files(["segmenter"]))
+
+
+# ----------------------------------------------------------------------------- cross-validation
+
+def is_crossval(args) -> bool:
+    """Folds were asked for: --num_folds, --fold, or a --split file holding a list of folds."""
+    if args.num_folds is not None or args.fold is not None:
+        return True
+    if args.split and Path(args.split).is_file():
+        try:
+            return isinstance(json.loads(Path(args.split).read_text()), list)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False  # splits.read_splits names the problem
+    return False
+
+
+def crossval_folds(args, run_dir: Path, ids: list[str]) -> tuple[list[dict], list[int]]:
+    """The run's folds (from --split, the run's splits_final.json, or made now) and the ones
+    to train (--fold), checked against the data, the patients and each other."""
+    groups = splits.patient_groups(ids, args.group_by)
+    own = run_dir / "splits_final.json"
+    if args.split:
+        (folds, kfold), where = splits.read_splits(args.split, ids), f"--split {args.split}"
+        if not kfold:
+            raise UserError(f"--split {args.split}: a single train/validation split; for cross-validation give "
+                            "nnU-Net's splits_final.json (a list of folds) or drop --split and set --num_folds")
+    elif own.exists():
+        folds, where = splits.read_splits(own, ids, flag="--output_dir")[0], f"--output_dir {run_dir}"
+    else:
+        if args.num_folds is None:
+            raise UserError(f"--fold {args.fold}: give --num_folds N to make the folds (or a --split file with folds)")
+        folds, where = splits.kfold_splits(ids, args.num_folds, args.seed, groups), "--num_folds"
+    if args.num_folds is not None and args.num_folds != len(folds):
+        raise UserError(f"--num_folds {args.num_folds}: {where} holds {len(folds)} folds; drop --num_folds, "
+                        "or choose another --output_dir for a new set of folds")
+    splits.check_groups(folds, groups, where)
+    if args.fold in (None, "all"):
+        return folds, list(range(len(folds)))
+    if not (args.fold.isdigit() and int(args.fold) < len(folds)):
+        raise UserError(f"--fold {args.fold}: give a fold from 0 to {len(folds) - 1}, or 'all'")
+    return folds, [int(args.fold)]
+
+
+def fold_args(args, run_dir: Path, k: int):
+    """The flags of fold K as a run of its own in RUN/fold_K (its config.json resumes it alone)."""
+    return argparse.Namespace(**{**vars(args), "output_dir": str(run_dir / f"fold_{k}"), "num_folds": None,
+                                 "fold": None, "split": None, "group_by": None})
+
+
+def crossval(args, run_dir: Path, cases, folds: list[dict], chosen: list[int], device) -> None:
+    """Train each chosen fold into RUN/fold_K, then predict its validation cases with its best
+    checkpoints into RUN/fold_K/validation. A finished fold is skipped, unless --overwrite
+    retrains it or --resume finds epochs left to train (more --max_epochs)."""
+    todo = []
+    for k in chosen:  # every fold is checked before any trains
+        fold_dir, fargs = run_dir / f"fold_{k}", fold_args(args, run_dir, k)
+        finished = training.fold_finished(fold_dir) and not args.overwrite
+        if not (finished and not args.resume) and (plan_stages(fargs, fold_dir, STAGES, True)[0] or not finished):
+            todo.append(k)
+        else:
+            print(f"fold {k}: finished ({fold_dir / 'validation' / 'metrics.csv'}); skipped "
+                  "(--overwrite retrains it, --resume with more --max_epochs trains it on)")
+
+    def write_files(fargs, fold_dir, split, stages):
+        if training.is_main():
+            write_json(run_dir / "splits_final.json", folds)
+            write_json(run_dir / "config.json", {"crossval": {k: v for k, v in vars(args).items() if k != "resume"}})
+        write_run_files(fargs, fold_dir, split, stages)
+
+    for k in todo:
+        fold_dir, fargs, split = run_dir / f"fold_{k}", fold_args(args, run_dir, k), folds[k]
+        print(f"fold {k} of {len(folds)}: {fold_dir}")
+        training.seed_everything(args.seed)  # a fold trains the same alone or after others
+        plan = plan_stages(fargs, fold_dir, STAGES, True)
+        if plan[0]:  # else trained to the end already: only its validation is missing
+            files = functools.partial(write_files, fargs, fold_dir, split)
+            train_stages(fargs, fold_dir, cases, split, device, plan, files)
+        if training.is_main():
+            rows = training.predict_validation(fold_dir, [c for c in cases if c.case_id in set(split["val"])], device)
+            print(f"fold {k}: validation Dice {sum(r['dice'] for r in rows) / len(rows):.3f} over {len(rows)} "
+                  f"case(s) ({fold_dir / 'validation'})")
+        training.barrier()
+    print(f"folds {', '.join(map(str, chosen))} of {run_dir}; report with: python evaluate.py --crossval {run_dir}")
 
 
 def main(argv=None):
@@ -265,19 +394,16 @@ def main(argv=None):
             model = stage_model(args, stage)
             print(f"{stage} {describe(model_arch(model))}: parameters: {count_parameters(model):,}")
         return
+    folds = is_crossval(args)
+    if folds and (args.stage != "both" or args.locator_path):
+        raise UserError(f"{'--stage ' + args.stage if args.stage != 'both' else '--locator_path'}: "
+                        "cross-validation trains both stages of every fold; drop it")
     training.seed_everything(args.seed)
     device = training.prepare_device(args.device, args.deterministic)
     if args.num_workers is None:
         args.num_workers = 4 if device.type == "cuda" else 0
     run_dir = Path(args.output_dir)
-    stages, resume = resume_point(args, run_dir, stages) if args.resume else (stages, None)
-    for stage in stages:
-        if (run_dir / stage / "best.pt").exists() and not (args.overwrite or args.resume):
-            raise UserError(f"--output_dir {run_dir}: the {stage} is already trained there "
-                            f"({run_dir / stage / 'best.pt'}); choose another --output_dir or pass --overwrite")
-    locator_path = Path(args.locator_path) if args.locator_path else run_dir / "locator" / "best.pt"
-    if "locator" not in stages:
-        inference.load_checkpoint(locator_path, "locator", "--locator_path")  # fail before reading any data
+    plan = None if folds else plan_stages(args, run_dir, stages)
 
     if args.data_dir == DEMO_DATA and not Path(args.data_dir).exists() and training.is_main():
         print(f"no data at {DEMO_DATA}: generating the synthetic phantom set there")
@@ -285,17 +411,14 @@ def main(argv=None):
     training.barrier()
     cases = ds.find_cases(args.data_dir, require_labels=True)
     ids = [c.case_id for c in cases]
+    if folds:
+        crossval(args, run_dir, cases, *crossval_folds(args, run_dir, ids), device)
+        return
     split_path = Path(args.split) if args.split else run_dir / "split.json"
-    split = ds.read_split(split_path, ids) if split_path.exists() else ds.make_split(ids, args.val_fraction, args.seed)
-    survey = training.read_survey(cases, split["train"])
-    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
-          f"spacing {survey.spacing} mm")
-    locations = None
-    if "locator" in stages:
-        locator_path, locations = train_locator(args, cases, split, survey, run_dir, device, resume, stages)
-        resume = None
-    if "segmenter" in stages:
-        train_segmenter(args, cases, split, survey, run_dir, device, resume, locator_path, locations)
+    split = splits.read_splits(split_path, ids)[0][0] if args.split or split_path.exists() else \
+        splits.make_split(ids, args.val_fraction, args.seed)
+    train_stages(args, run_dir, cases, split, device, plan,
+                 lambda stages_now: write_run_files(args, run_dir, split, stages_now))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import dataset as ds
 import inference
 import plots
+import prediction
 from augment import Augmenter
 from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, BoundarySchedule, SegmentationLoss, signed_distance_map
 from metrics import dice
@@ -362,6 +363,30 @@ def start_from_locator(model: VNet, locator_ckpt: dict, wanted: bool) -> bool:
         print(f"note: the locator has --base_channels {widths}, the segmenter {model.arch['base_channels']}: "
               "the segmenter starts from random weights")
     return False
+
+
+# ----------------------------------------------------------------------------- a fold's validation predictions
+
+VALIDATION = "validation"  # RUN/fold_K/validation: masks and metrics.csv of the fold's validation cases
+
+
+def fold_finished(fold_dir: Path) -> bool:
+    """A fold is finished once its validation metrics are written, the last thing it does."""
+    return (fold_dir / VALIDATION / "metrics.csv").is_file()
+
+
+def predict_validation(fold_dir: Path, val_cases: list[ds.Case], device) -> list[dict]:
+    """Predict a fold's validation cases with its best locator and segmenter, as predict.py
+    does with its defaults, into `fold_dir/validation` (masks with each scan's geometry, and
+    metrics.csv written last); returns the metrics rows."""
+    pipe = inference.load_two_stage(fold_dir / "locator" / "best.pt", fold_dir / "segmenter" / "best.pt", device)
+    out_dir = fold_dir / VALIDATION
+    (out_dir / "metrics.csv").unlink(missing_ok=True)  # the fold is unfinished until it is written again
+    outcome = prediction.predict_cases(pipe, val_cases, out_dir, prediction.Outputs(overwrite=True))
+    if outcome.failed:
+        raise UserError(f"{fold_dir}: validation case(s) failed: {'; '.join(outcome.failed)}")
+    prediction.write_metrics(outcome.rows, out_dir)
+    return outcome.rows
 
 
 # ----------------------------------------------------------------------------- torch datasets

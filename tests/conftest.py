@@ -69,6 +69,15 @@ def assert_one_line_error(run, *fragments):
         assert str(f) in lines[0], (f, lines[0])
 
 
+def assert_nnunet_folds(folds, ids):
+    """nnU-Net's format and rules: a list of {"train": [...], "val": [...]} of sorted case ids."""
+    assert isinstance(folds, list) and all(set(f) == {"train", "val"} for f in folds)
+    for f in folds:
+        assert f["train"] == sorted(f["train"]) and f["val"] == sorted(f["val"])
+        assert not set(f["train"]) & set(f["val"]) and sorted(f["train"] + f["val"]) == sorted(ids)
+    assert sorted(c for f in folds for c in f["val"]) == sorted(ids)  # each case validated exactly once
+
+
 def train_ok(*args) -> Run:
     run = run_main(train.main, *args)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -101,15 +101,6 @@ def test_bad_case_files_are_user_errors(tmp_path, problem):
         ds.load_case(ds.find_cases(tmp_path, require_labels=True)[0])
 
 
-def test_split_is_seeded_and_keeps_a_validation_case():
-    ids = [f"c{i}" for i in range(10)]
-    a, b = ds.make_split(ids, 0.2, seed=1), ds.make_split(ids, 0.2, seed=1)
-    assert a == b and len(a["val"]) == 2 and sorted(a["train"] + a["val"]) == ids
-    assert ds.make_split(ids, 0.2, seed=2) != a
-    assert len(ds.make_split(["x", "y"], 0.0, seed=0)["val"]) == 1
-    assert ds.make_split(["x"], 0.2, seed=0) == {"train": ["x"], "val": []}
-
-
 def test_padding_rule_and_downscaling():
     assert ds.pad_multiple(ds.downscale_factors((0.5, 0.25, 0.25))) == (32, 64, 64)
     assert ds.round_up((88, 576, 640), (32, 64, 64)) == (96, 576, 640)

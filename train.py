@@ -324,6 +324,9 @@ def crossval_folds(args, run_dir: Path, ids: list[str]) -> tuple[list[dict], lis
         if not kfold:
             raise UserError(f"--split {args.split}: a single train/validation split; for cross-validation give "
                             "nnU-Net's splits_final.json (a list of folds) or drop --split and set --num_folds")
+        if own.exists() and splits.read_splits(own, ids, flag="--output_dir")[0] != folds:
+            raise UserError(f"--split {args.split}: differs from the folds this run trains ({own}); "
+                            "choose another --output_dir for other folds")
     elif own.exists():
         folds, where = splits.read_splits(own, ids, flag="--output_dir")[0], f"--output_dir {run_dir}"
     else:
@@ -395,6 +398,8 @@ def main(argv=None):
             print(f"{stage} {describe(model_arch(model))}: parameters: {count_parameters(model):,}")
         return
     folds = is_crossval(args)
+    if args.group_by and not folds:
+        raise UserError(f"--group_by {args.group_by}: groups the cases of cross-validation folds; add --num_folds N")
     if folds and (args.stage != "both" or args.locator_path):
         raise UserError(f"{'--stage ' + args.stage if args.stage != 'both' else '--locator_path'}: "
                         "cross-validation trains both stages of every fold; drop it")

@@ -115,6 +115,11 @@ def test_a_split_file_written_by_nnunet_trains_the_fold_asked_for(tiny_data, tmp
     assert json.loads((run / "splits_final.json").read_text()) == folds
     assert json.loads((run / "fold_1" / "split.json").read_text()) == folds[1]
     assert not (run / "fold_0").exists() and (run / "fold_1" / "validation" / "metrics.csv").is_file()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(folds[::-1]))
+    assert_one_line_error(run_main(train.main, "--data_dir", tiny_data, "--output_dir", run, "--split", other,
+                                   "--fold", "0", *TINY_TRAIN), "--split", "differs from the folds this run trains")
+    assert not (run / "fold_0").exists()
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -127,6 +132,7 @@ def test_a_split_file_written_by_nnunet_trains_the_fold_asked_for(tiny_data, tmp
     (["--num_folds", "3", "--group_by", r"^(case)_"], "more folds than the 1 patients"),
     (["--num_folds", "2", "--stage", "locator"], "--stage locator"),
     (["--num_folds", "2", "--locator_path", "x.pt"], "--locator_path"),
+    (["--group_by", "^(case)_"], "add --num_folds"),
 ])
 def test_bad_fold_flags_are_one_line_and_write_nothing(tiny_data, tmp_path, flags, fragment):
     run = tmp_path / "run"

@@ -80,6 +80,7 @@ def main(argv=None):
     train_s = time.perf_counter() - start
     crossval = subprocess.run([sys.executable, "evaluate.py", "--crossval", str(run)], cwd=ROOT, check=True,
                               capture_output=True, text=True).stdout
+    table = "\n".join(line for line in crossval.strip().splitlines() if "written to" not in line)
     cases = ds.find_cases(test_dir, require_labels=True)
     cpu = torch.device("cpu")
     folds = list(range(args.num_folds))
@@ -109,7 +110,7 @@ def main(argv=None):
              f".venv-bench/bin/python benchmarks/bench_ensemble.py --cases {args.cases} --test_cases {args.test_cases} "
              f"--num_folds {args.num_folds} --locator_max_epochs {args.locator_max_epochs} "
              f"--max_epochs {args.max_epochs}", "```", "",
-             "Cross-validation of the run (`evaluate.py --crossval`):", "", "```", crossval.strip(), "```", "",
+             "Cross-validation of the run (`evaluate.py --crossval`):", "", "```", table, "```", "",
              "Held-out Dice (mean +- std over the held-out phantoms, and each model's seconds per case on this CPU, "
              "read to mask):", "",
              "| predicted with | `--tta` | held-out Dice | min | s / case |", "| --- | --- | --- | --- | --- |"]

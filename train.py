@@ -358,11 +358,13 @@ def crossval(args, run_dir: Path, cases, folds: list[dict], chosen: list[int], d
     for k in chosen:  # every fold is checked before any trains
         fold_dir, fargs = run_dir / f"fold_{k}", fold_args(args, run_dir, k)
         finished = training.fold_finished(fold_dir) and not args.overwrite
-        if not (finished and not args.resume) and (plan_stages(fargs, fold_dir, STAGES, True)[0] or not finished):
-            todo.append(k)
-        else:
+        # An unfinished fold is planned now to refuse one trained part-way without --resume.
+        left = plan_stages(fargs, fold_dir, STAGES, True)[0] if args.resume or not finished else []
+        if finished and not left:
             print(f"fold {k}: finished ({fold_dir / 'validation' / 'metrics.csv'}); skipped "
                   "(--overwrite retrains it, --resume with more --max_epochs trains it on)")
+        else:
+            todo.append(k)
 
     def write_files(fargs, fold_dir, split, stages):
         if training.is_main():

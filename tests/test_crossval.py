@@ -236,3 +236,14 @@ def test_ensemble_checkpoints_that_disagree_are_refused_naming_both(trained_run,
                        flag, *paths, *other)
         assert_one_line_error(run, flag, str(paths[0]), str(paths[1]), what)
         assert not out.exists()
+
+
+def test_resume_with_more_epochs_trains_finished_folds_on(crossval_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(crossval_run, run_dir)
+    locator = (run_dir / "fold_1" / "locator" / "best.pt").read_bytes()
+    train_ok("--resume", run_dir, "--max_epochs", "2")
+    for k in range(3):
+        with open(run_dir / f"fold_{k}" / "segmenter" / "log.csv", newline="") as f:
+            assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    assert (run_dir / "fold_1" / "locator" / "best.pt").read_bytes() == locator  # its epochs were done

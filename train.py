@@ -9,8 +9,14 @@ Full size on the LASC 2018 data, with the reference's hyper-parameters (the defa
 
     python train.py --data_dir /data/LASC2018/Training_Set --output_dir runs/lasc --device cuda
 
+k-fold cross-validation (nnU-Net's splits_final.json; one run folder per fold, each ending with
+the prediction of its validation cases):
+
+    python train.py --data_dir DATA --output_dir RUN --num_folds 5 [--fold K|all] [--group_by REGEX]
+
 Writes RUN/config.json, RUN/split.json, and per stage RUN/<stage>/{best.pt, latest.pt,
-log.csv, curves.png}; the locator also writes RUN/locator/centres.json. The work itself is in
+log.csv, curves.png}; the locator also writes RUN/locator/centres.json. With folds: RUN/
+splits_final.json and RUN/fold_K/ (those files, and validation/ with masks and metrics.csv). The work itself is in
 training.py; this script turns flags into its settings.
 """
 from __future__ import annotations

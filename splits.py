@@ -81,7 +81,7 @@ def kfold_splits(case_ids: list[str], num_folds: int, seed: int, groups: dict[st
             k += 1  # this fold is full, or each later fold still needs a patient
         folds[k] += members[p]
         placed += len(members[p])
-    return [{"train": [c for c in ids if c not in set(val)], "val": sorted(val)} for val in folds]
+    return [{"train": [c for c in ids if c not in held], "val": sorted(held)} for held in map(set, folds)]
 
 
 def check_folds(folds: list, case_ids: list[str], where: str) -> list[dict[str, list[str]]]:

@@ -351,7 +351,7 @@ def crossval_folds(args, run_dir: Path, ids: list[str]) -> tuple[list[dict], lis
 
 
 def fold_args(args, run_dir: Path, k: int):
-    """The flags of fold K as a run of its own in RUN/fold_K (its config.json resumes it alone)."""
+    """The flags of fold K as a run of its own in RUN/fold_K, as its config.json records them."""
     return argparse.Namespace(**{**vars(args), "output_dir": str(run_dir / f"fold_{k}"), "num_folds": None,
                                  "fold": None, "split": None, "group_by": None})
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 from pathlib import Path
 
 import dataset as ds
@@ -193,7 +194,14 @@ def stage_model(args, stage: str) -> VNet:
 
 
 def resume_settings(argv, run_dir: Path):
-    """The settings of the run in `run_dir`, with the flags given now on top (e.g. more epochs)."""
+    """The settings of the run in `run_dir`, with the flags given now on top (e.g. more epochs).
+    A fold's folder RUN/fold_K resumes as `--resume RUN --fold K`, so that the fold's
+    validation is predicted again after it trains."""
+    fold = re.fullmatch(r"fold_(\d+)", run_dir.name)
+    if fold and (run_dir.parent / "splits_final.json").is_file() and (run_dir.parent / "config.json").is_file():
+        args = resume_settings(argv, run_dir.parent)
+        args.fold = fold.group(1)
+        return args
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"--resume {run_dir}: no config.json there; pass a run folder written by train.py")

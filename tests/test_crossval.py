@@ -103,6 +103,9 @@ def test_resume_finishes_a_fold_whose_validation_was_cut_short(crossval_run, tin
     assert "fold 0: finished" in run.stdout and "fold 1: finished" in run.stdout
     assert (run_dir / "fold_2" / "validation" / "metrics.csv").is_file()
     assert (run_dir / "fold_2" / "segmenter" / "best.pt").read_bytes() == before  # nothing retrained
+    shutil.rmtree(run_dir / "fold_2" / "validation")
+    run = train_ok("--resume", run_dir / "fold_2")  # the fold's own folder: the same as --resume RUN --fold 2
+    assert "fold 0" not in run.stdout and (run_dir / "fold_2" / "validation" / "metrics.csv").is_file()
 
 
 def test_a_split_file_written_by_nnunet_trains_the_fold_asked_for(tiny_data, tmp_path):

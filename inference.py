@@ -10,6 +10,7 @@ an ensemble) is a new function here beside `predict_two_stage`.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,74 @@ def locate(locator: torch.nn.Module, low: np.ndarray, pad_before, shape, factors
     """The atrium's location in a scan of `shape` from the locator's view of it (`low`, padded
     by `pad_before` and downscaled by `factors`: `dataset.locator_input`)."""
     return ds.locate(probabilities(locator, low, device, tta), factors, pad_before, shape)
+
+
+# ----------------------------------------------------------------------------- the sliding window
+
+GAUSSIAN_SIGMA = 1 / 8  # of the window per axis: the centre of a window counts most (nnU-Net's and MONAI's value)
+
+
+def gaussian_weights(window) -> np.ndarray:
+    """float32 weights of one window, the product of a Gaussian per axis centred on the window
+    with sigma = GAUSSIAN_SIGMA x its size, 1 at the centre. Voxels near a window's edge, where
+    a convolutional model sees least context, count least where windows overlap."""
+    w = np.ones((), np.float64)
+    for n in window:
+        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+        w = np.multiply.outer(w, np.exp(-0.5 * (x / (GAUSSIAN_SIGMA * n)) ** 2))
+    return (w / w.max()).astype(np.float32)
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Starts of windows of `window` voxels covering `size` voxels (one window when it does not
+    fit), spread evenly so that the first starts at 0, the last ends at `size`, and neighbours
+    overlap by at least `overlap` of a window."""
+    if size <= window:
+        return [0]
+    step = max(1, int(window * (1 - overlap)))
+    n = math.ceil((size - window) / step) + 1
+    return [round(i * (size - window) / (n - 1)) for i in range(n)]
+
+
+@torch.no_grad()
+def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, device: torch.device,
+                   overlap: float = 0.5, batch_size: int = 4, pad_value=0.0, activation=None) -> np.ndarray:
+    """The models' outputs over a whole (C, D, H, W) volume, float32 (K, D, H, W): windows of
+    `window` voxels overlapping by `overlap`, `batch_size` windows per forward pass, each
+    window's output weighted by `gaussian_weights` and the weighted sum divided by the summed
+    weights, the mean over `models`. `activation` (e.g. torch.sigmoid) is applied to each window's
+    output before it is averaged; without one the logits are. An axis shorter than its window
+    is padded at its end with `pad_value` (a number, or one per channel) and cut back after.
+    One accumulator of K channels and one weight volume are held beside the input."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap {overlap}: must lie in [0, 1)")
+    channels, shape = volume.shape[0], volume.shape[1:]
+    padded_shape = tuple(max(n, w) for n, w in zip(shape, window))
+    pad = np.broadcast_to(np.asarray(pad_value, np.float32).reshape(-1, 1, 1, 1), (channels, 1, 1, 1))
+    x = np.empty((channels, *padded_shape), np.float32)
+    x[...] = pad
+    x[(slice(None), *(slice(0, n) for n in shape))] = volume
+    weights = torch.from_numpy(gaussian_weights(window)).to(device)
+    starts = [(z, y, xx) for z in window_starts(padded_shape[0], window[0], overlap)
+              for y in window_starts(padded_shape[1], window[1], overlap)
+              for xx in window_starts(padded_shape[2], window[2], overlap)]
+    total, norm = None, torch.zeros(padded_shape, device=device)
+    with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
+        for i in range(0, len(starts), batch_size):
+            boxes = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in starts[i:i + batch_size]]
+            batch = torch.from_numpy(np.stack([x[(slice(None), *box)] for box in boxes]))
+            batch = batch.to(device, memory_format=memory_format(device))
+            for model in models:
+                out = model(batch).float()
+                out = activation(out) if activation is not None else out
+                if total is None:
+                    total = torch.zeros((out.shape[1], *padded_shape), device=device)
+                for j, box in enumerate(boxes):
+                    total[(slice(None), *box)] += out[j] * weights
+            for box in boxes:
+                norm[box] += weights
+    total /= norm * len(models)
+    return total[(slice(None), *(slice(0, n) for n in shape))].cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- the two-stage strategy

@@ -103,3 +103,58 @@ def test_load_two_stage_refuses_checkpoints_of_two_spacings(trained_run, tmp_pat
     torch.save(other, tmp_path / "seg.pt")
     with pytest.raises(UserError, match="different spacings"):
         inference.load_two_stage(trained_run / "locator" / "best.pt", tmp_path / "seg.pt", torch.device("cpu"))
+
+
+class Identity(torch.nn.Module):
+    """An identity-like model: a 1x1x1 convolution with the identity matrix as weights."""
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(channels, channels, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels).reshape(channels, channels, 1, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("shape, window, overlap", [
+    ((2, 37, 50, 23), (16, 32, 32), 0.5),   # uneven, and W shorter than its window
+    ((1, 20, 41, 33), (8, 16, 16), 0.25),
+    ((3, 16, 16, 16), (16, 16, 16), 0.5),   # one window
+    ((1, 19, 30, 45), (8, 8, 8), 0.0),      # windows that only touch
+])
+def test_sliding_window_with_an_identity_model_reproduces_its_input(shape, window, overlap):
+    volume = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    out = inference.sliding_window([Identity(shape[0])], volume, window, torch.device("cpu"), overlap=overlap,
+                                   batch_size=3)
+    assert out.shape == volume.shape and out.dtype == np.float32
+    assert np.abs(out - volume).max() < 1e-6
+
+
+def test_sliding_window_batches_models_and_activation_agree():
+    volume = np.random.default_rng(1).normal(size=(2, 21, 35, 30)).astype(np.float32)
+    cpu, model = torch.device("cpu"), Identity(2)
+    one = inference.sliding_window([model], volume, (16, 16, 16), cpu, batch_size=1, activation=torch.sigmoid)
+    many = inference.sliding_window([model, model], volume, (16, 16, 16), cpu, batch_size=5,
+                                    activation=torch.sigmoid)
+    np.testing.assert_allclose(one, many, atol=1e-6)
+    np.testing.assert_allclose(one, 1 / (1 + np.exp(-volume)), atol=1e-6)
+
+
+def test_gaussian_weights_and_window_starts_by_hand():
+    w = inference.gaussian_weights((16, 8, 33))
+    assert w.shape == (16, 8, 33) and w.max() == pytest.approx(1.0) and w.min() > 0
+    assert w[16 - 1 - 3, 4, 16] == pytest.approx(w[3, 4, 16])  # symmetric about the centre
+    # Along an odd axis the centre voxel is the peak; one sigma (33 / 8 voxels) away it falls by exp(-1/2).
+    line = inference.gaussian_weights((33,))
+    assert line[16] == 1.0
+    x = np.arange(33) - 16
+    np.testing.assert_allclose(line, np.exp(-0.5 * (x / (33 / 8)) ** 2), rtol=1e-6)
+    assert inference.window_starts(10, 16, 0.5) == [0]
+    assert inference.window_starts(64, 32, 0.5) == [0, 16, 32]
+    starts = inference.window_starts(100, 32, 0.5)  # 68 voxels to cover in steps of at most 16
+    assert starts[0] == 0 and starts[-1] == 68 and max(np.diff(starts)) <= 16 and len(starts) == 6
+    with pytest.raises(ValueError, match="overlap"):
+        inference.sliding_window([Identity(1)], np.zeros((1, 8, 8, 8), np.float32), (8, 8, 8),
+                                 torch.device("cpu"), overlap=1.0)

@@ -461,6 +461,8 @@ def crop(array: np.ndarray, start, size, fill: float = 0.0) -> np.ndarray:
     """`array[start:start+size]` per axis, reading `fill` outside the volume."""
     out = np.full(tuple(size), fill, dtype=array.dtype)
     src = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, size, array.shape))
+    if any(sl.stop <= sl.start for sl in src):
+        return out  # the window lies wholly outside the volume
     dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
     out[dst] = array[src]
     return out
@@ -473,3 +475,46 @@ def paste(patch: np.ndarray, start, shape) -> np.ndarray:
     src = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(dst, start))
     out[dst] = patch[src]
     return out
+
+
+class PatchSampler:
+    """Random starts of `size` patches of a labelled volume with a foreground bias: a patch
+    whose background (label 0, and any part beyond the volume) exceeds `max_background` of its
+    voxels is redrawn, up to `max_tries` draws; after that, the patch is placed around a random
+    foreground voxel (centred on it, shifted inside the volume: `crop_start`). A summed-volume
+    table of the foreground makes each draw's count 8 reads, so `max_tries` in the thousands
+    costs nothing beside the crop itself."""
+
+    def __init__(self, label: np.ndarray, size, max_background: float = 0.95, max_tries: int = 1000):
+        if not 0 < max_background <= 1:
+            raise ValueError(f"max_background {max_background}: must lie in (0, 1]")
+        self.shape, self.size = label.shape, tuple(int(s) for s in size)
+        self.max_background, self.max_tries = max_background, max_tries
+        fg = label > 0
+        self.table = np.zeros(tuple(n + 1 for n in fg.shape), np.int64)
+        self.table[1:, 1:, 1:] = fg.cumsum(0, dtype=np.int64).cumsum(1).cumsum(2)
+        self.foreground = np.flatnonzero(fg)  # for the fallback draw
+
+    def foreground_in(self, start) -> int:
+        """Foreground voxels inside the patch at `start` (parts beyond the volume hold none)."""
+        (z0, y0, x0) = (max(a, 0) for a in start)
+        (z1, y1, x1) = (min(a + s, n) for a, s, n in zip(start, self.size, self.shape))
+        if z1 <= z0 or y1 <= y0 or x1 <= x0:
+            return 0
+        t = self.table
+        return int(t[z1, y1, x1] - t[z0, y1, x1] - t[z1, y0, x1] - t[z1, y1, x0]
+                   + t[z0, y0, x1] + t[z0, y1, x0] + t[z1, y0, x0] - t[z0, y0, x0])
+
+    def __call__(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """One patch start (may be negative or reach past the volume where the patch is larger
+        than it: `crop` fills there)."""
+        highs = [max(n - s, 0) + 1 for n, s in zip(self.shape, self.size)]
+        least = (1 - self.max_background) * math.prod(self.size)
+        for _ in range(self.max_tries):
+            start = tuple(int(rng.integers(0, h)) - max(s - n, 0) // 2 for h, s, n in zip(highs, self.size, self.shape))
+            if self.foreground_in(start) >= least - 1e-9:
+                return start
+        if self.foreground.size == 0:
+            return start  # nothing to centre on: the last draw
+        centre = np.unravel_index(int(rng.choice(self.foreground)), self.shape)
+        return crop_start(centre, self.size, self.shape)

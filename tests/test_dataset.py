@@ -228,3 +228,36 @@ def test_resampled_shape_matches_resample():
         assert ds.resample(image, props, spacing, label=False)[0].shape == ds.resampled_shape(
             image.shape, props["spacing"], spacing)
     assert ds.resampled_shape((10, 20, 20), (1.25,) * 3, (0.625,) * 3) == (20, 40, 40)
+
+
+def test_patch_sampler_counts_like_a_crop_and_keeps_background_under_the_limit():
+    rng = np.random.default_rng(0)
+    label = np.zeros((30, 50, 40), np.uint8)
+    label[5:11, 30:38, 8:14] = 2  # 288 foreground voxels, one corner of the volume
+    label[20, 10, 30] = 1
+    sampler = ds.PatchSampler(label, (8, 16, 16), max_background=0.95, max_tries=1000)
+    for _ in range(50):  # the summed-volume count equals counting the crop, inside and across the edges
+        start = tuple(int(v) for v in rng.integers(-10, 40, 3))
+        assert sampler.foreground_in(start) == int((ds.crop(label, start, (8, 16, 16)) > 0).sum())
+    fractions = []
+    for _ in range(200):
+        patch = ds.crop(label, sampler(rng), (8, 16, 16))
+        fractions.append(1 - (patch > 0).mean())
+    assert max(fractions) <= 0.95  # every patch holds at least 5 % foreground (103 of 2048 voxels)
+    # Unbiased patches of this size are mostly pure background; the sampler never returns one.
+    plain = ds.PatchSampler(label, (8, 16, 16), max_background=1.0)
+    assert np.mean([(ds.crop(label, plain(rng), (8, 16, 16)) > 0).any() for _ in range(200)]) < 0.5
+
+
+def test_patch_sampler_falls_back_to_a_foreground_voxel_and_pads_small_volumes():
+    rng = np.random.default_rng(1)
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[3, 4, 5] = 1  # one voxel: no patch reaches 5 % foreground, so every draw falls back
+    sampler = ds.PatchSampler(label, (8, 8, 8), max_background=0.95, max_tries=20)
+    for _ in range(10):
+        assert ds.crop(label, sampler(rng), (8, 8, 8)).sum() == 1
+    small = ds.PatchSampler(np.ones((4, 30, 30), np.uint8), (8, 16, 16), max_background=0.5)
+    start = small(rng)
+    assert start[0] == -2 and ds.crop(np.ones((4, 30, 30)), start, (8, 16, 16)).sum() == 4 * 16 * 16
+    with pytest.raises(ValueError, match="max_background"):
+        ds.PatchSampler(label, (8, 8, 8), max_background=0.0)

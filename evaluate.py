@@ -83,10 +83,11 @@ def fold_rows(run_dir: Path, k: int, val_ids: list[str]) -> tuple[list[dict], st
                     for r in csv.DictReader(f)]
     except (OSError, KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
         return [], f"fold {k}: {path} is not a metrics table of predict.py; retrain the fold"
-    lacking = sorted(set(val_ids) - {r["case_id"] for r in rows})
+    wanted = set(val_ids)
+    lacking = sorted(wanted - {r["case_id"] for r in rows})
     if lacking:
         return [], f"fold {k}: {path} lacks validation case(s) {', '.join(lacking[:5])}"
-    return [r for r in rows if r["case_id"] in set(val_ids)], None
+    return [r for r in rows if r["case_id"] in wanted], None
 
 
 def crossval(run_dir: Path, partial: bool) -> None:

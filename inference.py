@@ -11,6 +11,7 @@ an ensemble) is a new function here beside `predict_two_stage`.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,12 +233,13 @@ def _as_paths(paths) -> list[Path]:
     return [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
 
 
-def _agree(ckpts: list[tuple[Path, dict]], flag: str, what: str, value) -> None:
-    """Every checkpoint of an ensemble records the same `value(config)`, else name two that differ."""
+def _agree(ckpts: list[tuple[Path, dict]], flag: str, what: str, value, same=operator.eq) -> None:
+    """Every checkpoint of an ensemble records the same `value(config)` (by `same`), else name
+    two that differ."""
     first_path, first = ckpts[0]
     for path, ckpt in ckpts[1:]:
         a, b = value(first["config"]), value(ckpt["config"])
-        if a != b:
+        if not same(a, b):
             raise UserError(f"{flag} {first_path} and {path}: trained with different {what} ({a} and {b}); "
                             "an ensemble takes the checkpoints of one run's folds")
 
@@ -255,7 +257,7 @@ def load_two_stage(locator_paths, segmenter_paths, device: torch.device, tta: bo
         ckpts = [(p, load_checkpoint(p, role, flag)) for p in _as_paths(paths)]
         if not ckpts:
             raise UserError(f"{flag}: no checkpoint given")
-        _agree(ckpts, flag, "spacings", lambda c: [round(s, 4) for s in c["spacing"]])
+        _agree(ckpts, flag, "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
         _agree(ckpts, flag, "input channels and classes", _channels)
         if role == "locator":
             _agree(ckpts, flag, "scale factors", lambda c: list(ds.downscale_factors(c["scale_factor"])))

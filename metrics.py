@@ -188,8 +188,9 @@ def describe_cases(rows: list[dict[str, float]], keys=METRIC_KEYS) -> dict:
 
 
 def summarise(rows: list[dict[str, float]], keys) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation (population) of each metric over cases."""
-    return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))) for k in keys}
+    """Mean and standard deviation (population) of each metric over cases (`describe_cases`)."""
+    described = describe_cases(rows, keys)
+    return {k: (described[k]["mean"], described[k]["std"]) for k in keys}
 
 
 def _cell(key: str, value: float) -> str:

@@ -117,6 +117,57 @@ def _from_sitk(img: sitk.Image, path) -> tuple[np.ndarray, dict]:
     return sitk.GetArrayFromImage(img), _props(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
 
+def _spatial_props(spacing, origin, direction, dimension: int) -> dict:
+    """The 3D geometry of an image of `dimension` 3 or 4 (a 4D image's fourth axis is its
+    channels: its spacing, origin and direction entries are dropped)."""
+    if dimension == 4:
+        direction = np.asarray(direction, dtype=float).reshape(4, 4)[:3, :3].ravel()
+    return _props(spacing[:3], origin[:3], direction)
+
+
+def read_image_channels(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Read a multi-channel volume: a 4D file of C channels (the MSD layout, channels last in
+    (x, y, z, c) order) or a 3D scalar volume (one channel). Returns `(array (C, D, H, W),
+    props)` with the 3D geometry of `read_image`."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        array, props = read_image(path)
+        return array[None], props
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    if img.GetDimension() != 4:
+        array, props = _from_sitk(img, path)
+        return array[None], props
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel; "
+                        "expected scalar voxels")
+    return sitk.GetArrayFromImage(img), _spatial_props(img.GetSpacing(), img.GetOrigin(), img.GetDirection(), 4)
+
+
+def read_channels_info(path: str | Path) -> tuple[tuple[int, int, int], dict, int]:
+    """`(shape (D, H, W), props, channels)` of a 3D or 4D volume from its header alone."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        shape, props = read_image_info(path)
+        return shape, props, 1
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    if reader.GetDimension() != 4:
+        shape, props = read_image_info(path)
+        return shape, props, 1
+    if reader.GetNumberOfComponents() != 1:
+        raise UserError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; expected scalar voxels")
+    size = reader.GetSize()
+    props = _spatial_props(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), 4)
+    return tuple(reversed(size[:3])), props, int(size[3])
+
+
 def to_sitk(array: np.ndarray, props: dict) -> sitk.Image:
     """A SimpleITK image of `array (D, H, W)` with the geometry in `props`."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(array))
@@ -127,10 +178,11 @@ def to_sitk(array: np.ndarray, props: dict) -> sitk.Image:
 
 
 def write_image(array: np.ndarray, props: dict, path: str | Path) -> None:
-    """Write `array (D, H, W)` with the geometry in `props` (as `read_image` returns it),
-    atomically: a reader never sees a half-written file."""
-    assert array.ndim == 3, f"expected a (D, H, W) array, got shape {array.shape}"
-    img = to_sitk(array, props)
+    """Write `array (D, H, W)`, or `(C, D, H, W)` as a 4D image of C channels (the MSD layout),
+    with the geometry in `props` (as `read_image` returns it), atomically: a reader never sees a
+    half-written file."""
+    assert array.ndim in (3, 4), f"expected a (D, H, W) or (C, D, H, W) array, got shape {array.shape}"
+    img = to_sitk(array, props) if array.ndim == 3 else sitk.JoinSeries([to_sitk(a, props) for a in array])
     atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
 
 

@@ -1,13 +1,24 @@
-"""Segmentation losses on logits, for one foreground class (the atrium): Dice, focal, boundary
-(Kervadec et al.) and the hybrid Dice + boundary of the reference write-up
-(VNet_PyTorch-Atriaseg2018), the signed distance map the boundary loss needs (computed in the
+"""Segmentation losses on logits, for C output channels: Dice, Dice + cross-entropy, focal,
+boundary (Kervadec et al.) and the hybrid Dice + boundary of the reference write-up
+(VNet_PyTorch-Atriaseg2018), the signed distance maps the boundary loss needs (computed in the
 data pipeline, in numpy), the schedule that shifts the hybrid's weight towards the boundary
-term, and `SegmentationLoss`, which puts the four behind one call for training. Functions first;
+term, and `SegmentationLoss`, which puts them behind one call for training. Functions first;
 each returns a value to minimise (`1 - dice`, never `-dice`).
 
-Shapes: logits (B, 1, D, H, W); target (B, 1, D, H, W) float in {0, 1}; distance_map
-(B, 1, D, H, W) float, millimetres. `reduction` acts over the batch: "mean" (default) or
-"sum" of the per-sample losses, or "none" for the per-sample losses, shape (B,).
+`activation` says what the C channels are:
+    "sigmoid" (default): each channel an independent binary problem, K = C foreground
+        channels: the atrium's one channel, or R overlapping regions (whole tumour, tumour
+        core, enhancing). target is multi-hot.
+    "softmax": C = K + 1 mutually exclusive classes, channel 0 the background, channels 1..K
+        the foreground. target is one-hot.
+
+Shapes, spatial dims (D, H, W) or (H, W), any number: logits (B, C, *spatial); target
+(B, C, *spatial) float in {0, 1}, multi-hot (sigmoid) or one-hot (softmax); distance_map
+(B, K, *spatial) float, millimetres, one per foreground channel. The Dice, focal and boundary
+terms are computed per sample and averaged over the foreground channels (Dice, boundary) or
+channels and voxels (focal); `reduction` then acts over the batch: "mean" (default) or "sum" of
+the per-sample losses, or "none" for the per-sample losses, shape (B,). For (B, 1, ...) under
+sigmoid every value is that of the one-class losses this module held before.
 """
 from __future__ import annotations
 
@@ -19,6 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 REDUCTIONS = ("mean", "sum", "none")
+ACTIVATIONS = ("sigmoid", "softmax")
 
 # Weight of the foreground class in the focal loss. 0.5 weighs both classes alike: the
 # segmenter's crops are cut around the atrium, which the write-up says "levels this
@@ -46,55 +58,130 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction {reduction!r}: must be one of {', '.join(REDUCTIONS)}")
 
 
+def foreground_channels(logits_channels: int, activation: str) -> int:
+    """K, the number of foreground channels of C = `logits_channels`: C under sigmoid, C - 1
+    under softmax (channel 0 is the background); the channels of a distance map."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: must be one of {', '.join(ACTIVATIONS)}")
+    if activation == "softmax" and logits_channels < 2:
+        raise ValueError(f"softmax over {logits_channels} channel(s): needs the background and at least one "
+                         "class (C >= 2); use sigmoid for one channel")
+    return logits_channels if activation == "sigmoid" else logits_channels - 1
+
+
 def _check_shapes(logits: torch.Tensor, other: torch.Tensor, name: str) -> None:
     assert logits.dim() >= 3 and logits.shape == other.shape, \
-        f"logits {tuple(logits.shape)} vs {name} {tuple(other.shape)}: expected equal (B, 1, D, H, W)"
+        f"logits {tuple(logits.shape)} vs {name} {tuple(other.shape)}: expected equal (B, C, *spatial)"
+
+
+def _check_target(logits: torch.Tensor, target: torch.Tensor, activation: str) -> None:
+    """Activation known, shapes equal, target float in {0, 1}, one class per voxel under softmax."""
+    _check_shapes(logits, target, "target")
+    foreground_channels(logits.shape[1], activation)
+    assert target.is_floating_point(), f"target dtype {target.dtype}: expected a float tensor in {{0, 1}}"
+    binary = (target == 0) | (target == 1)
+    assert binary.all(), \
+        f"target holds {target[~binary].unique()[:5].tolist()}: expected {{0, 1}} (multi-hot or one-hot)"
+    if activation == "softmax":
+        classes = target.sum(1)                        # (B, *spatial)
+        one_hot = classes == 1
+        assert one_hot.all(), (f"softmax target is not one-hot: {int((~one_hot).sum())} voxel(s) have "
+                               f"{classes[~one_hot].unique().tolist()} classes set, expected exactly 1")
+
+
+def _probs(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """Probabilities of the K foreground channels, (B, K, *spatial) float32."""
+    logits = logits.float()
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)[:, 1:]
+
+
+def _foreground(target: torch.Tensor, activation: str) -> torch.Tensor:
+    """The K foreground channels of a (B, C, *spatial) target."""
+    return target if activation == "sigmoid" else target[:, 1:]
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, squared: bool = False,
-              reduction: str = "mean") -> torch.Tensor:
-    """Soft Dice loss `1 - (2 sum(p g) + eps) / (sum(p) + sum(g) + eps)`, p = sigmoid(logits).
+              reduction: str = "mean", activation: str = "sigmoid") -> torch.Tensor:
+    """Soft Dice loss `1 - (2 sum(p g) + eps) / (sum(p) + sum(g) + eps)`, per sample and per
+    foreground channel, averaged over the channels, then reduced over the batch.
 
-    logits: (B, 1, D, H, W); target: (B, 1, D, H, W) float in {0, 1}. Computed per sample
-    and then reduced over the batch, so a small atrium counts as much as a large one. The `eps`
-    in the numerator makes a perfect empty prediction score 0 rather than 1.
+    logits: (B, C, *spatial); target: (B, C, *spatial) float in {0, 1}, multi-hot (sigmoid)
+    or one-hot (softmax). p = sigmoid(logits) on every channel, or softmax(logits) over the
+    channels, of which channels 1..K count (the background's Dice would be near 1 and hide the
+    classes). Per sample, so a small atrium counts as much as a large one. The `eps` in the
+    numerator makes a perfect empty prediction score 0 rather than 1, channel by channel.
 
     `squared=True` uses the V-Net paper's denominator `sum(p^2) + sum(g^2)` instead.
     """
-    _check_shapes(logits, target, "target")
-    probs = torch.sigmoid(logits.float()).flatten(1)   # (B, N)
-    target = target.float().flatten(1)                 # (B, N)
-    inter = (probs * target).sum(1)
+    _check_target(logits, target, activation)
+    probs = _probs(logits, activation).flatten(2)                 # (B, K, N)
+    target = _foreground(target.float(), activation).flatten(2)   # (B, K, N)
+    inter = (probs * target).sum(2)
     if squared:
-        denom = (probs * probs).sum(1) + (target * target).sum(1)
+        denom = (probs * probs).sum(2) + (target * target).sum(2)
     else:
-        denom = probs.sum(1) + target.sum(1)
-    dice = (2 * inter + eps) / (denom + eps)           # (B,)
-    return _reduce(1 - dice, reduction)
+        denom = probs.sum(2) + target.sum(2)
+    dice = (2 * inter + eps) / (denom + eps)                      # (B, K)
+    return _reduce((1 - dice).mean(1), reduction)
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, squared: bool = False,
+                 reduction: str = "mean", activation: str = "sigmoid") -> torch.Tensor:
+    """`dice_loss` plus the cross-entropy averaged over the voxels (and, under sigmoid, the
+    channels) of each sample, then reduced over the batch: nnU-Net's default, the Dice term
+    for the overlap, the cross-entropy for a gradient at every voxel.
+
+    Cross-entropy: under softmax `F.cross_entropy` against each voxel's class (the index of
+    its one-hot target, background included); under sigmoid the binary cross-entropy of each
+    channel (`F.binary_cross_entropy_with_logits`). Shapes as `dice_loss`.
+    """
+    dice = dice_loss(logits, target, eps=eps, squared=squared, reduction="none", activation=activation)  # (B,)
+    logits, target = logits.float(), target.float()
+    if activation == "softmax":
+        ce = F.cross_entropy(logits, target.argmax(1), reduction="none")                  # (B, *spatial)
+    else:
+        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")         # (B, C, *spatial)
+    return _reduce(dice + ce.flatten(1).mean(1), reduction)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = FOCAL_ALPHA, gamma: float = FOCAL_GAMMA,
-               reduction: str = "mean") -> torch.Tensor:
+               reduction: str = "mean", activation: str = "sigmoid") -> torch.Tensor:
     """Focal loss (Lin et al.) `-alpha_t (1 - p_t)^gamma log(p_t)`, averaged over the voxels
-    of each sample, then reduced over the batch.
+    (and, under sigmoid, the channels) of each sample, then reduced over the batch.
 
-    p_t is the probability of the true class (p for foreground, 1 - p for background) and
-    alpha_t is `alpha` for foreground voxels, `1 - alpha` for background (FOCAL_ALPHA says why
-    0.5). logits: (B, 1, D, H, W); target: (B, 1, D, H, W) float in {0, 1}.
+    p_t is the probability of the true class and alpha_t is `alpha` for a foreground class,
+    `1 - alpha` for the background (FOCAL_ALPHA says why 0.5). logits: (B, C, *spatial);
+    target: (B, C, *spatial) float in {0, 1}.
+        sigmoid: one term per channel and voxel: p_t = p where the channel's target is 1,
+            1 - p where it is 0.
+        softmax: one term per voxel: p_t the softmax probability of its class (one-hot
+            target), the background being channel 0. With C = 2 this is the sigmoid form on
+            the one channel `logits[:, 1] - logits[:, 0]`.
 
-    Both factors come from log-sigmoids of the logit signed by the class, so nothing is a log
-    of an underflowed probability: the loss and its gradient are finite for logits of +-100
-    and beyond, and for any gamma >= 0 (a power of `1 - p_t` would have an infinite slope at
-    0 when gamma < 1).
+    Both factors come from log-sigmoids (log-softmaxes) of the logits, so nothing is a log of
+    an underflowed probability: the loss and its gradient are finite for logits of +-100 and
+    beyond, and for any gamma >= 0 (a power of `1 - p_t` would have an infinite slope at 0
+    when gamma < 1).
     """
-    _check_shapes(logits, target, "target")
+    _check_target(logits, target, activation)
     if not 0 <= alpha <= 1 or gamma < 0:
         raise ValueError(f"focal_loss: alpha {alpha} must lie in [0, 1] and gamma {gamma} must be >= 0")
     logits, target = logits.float(), target.float()
-    signed = logits * (2 * target - 1)                  # logit of the true class: p_t = sigmoid(signed)
-    log_pt = F.logsigmoid(signed)                       # log(p_t)
-    log_one_minus_pt = F.logsigmoid(-signed)            # log(1 - p_t)
-    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    if activation == "sigmoid":
+        signed = logits * (2 * target - 1)              # logit of the true class: p_t = sigmoid(signed)
+        log_pt = F.logsigmoid(signed)                   # log(p_t)
+        log_one_minus_pt = F.logsigmoid(-signed)        # log(1 - p_t)
+        alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    else:
+        true = target.bool()                            # (B, C, *spatial), one True per voxel
+        log_total = torch.logsumexp(logits, 1)          # (B, *spatial)
+        log_pt = (logits * target).sum(1) - log_total   # the true class's logit, less the normaliser
+        # 1 - p_t is the other classes' share: a log-sum-exp of their logits, never log(1 - p_t)
+        # of a rounded p_t (C >= 2, so at least one logit stays finite)
+        log_one_minus_pt = torch.logsumexp(logits.masked_fill(true, -torch.inf), 1) - log_total
+        alpha_t = torch.where(target[:, 0] == 1, 1 - alpha, alpha)
     loss = -alpha_t * torch.exp(gamma * log_one_minus_pt) * log_pt
     return _reduce(loss.flatten(1).mean(1), reduction)
 
@@ -135,28 +222,48 @@ def signed_distance_map(label: np.ndarray, spacing) -> np.ndarray:
     return np.where(inside, -dist, dist).astype(np.float32)
 
 
-def boundary_loss(logits: torch.Tensor, distance_map: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Boundary loss (Kervadec et al.): the mean over voxels of `sigmoid(logits) * distance_map`,
-    per sample, then reduced over the batch; millimetres.
+def signed_distance_maps(masks: np.ndarray, spacing) -> np.ndarray:
+    """`signed_distance_map` of each of K masks: masks (K, *spatial) binary, the foreground
+    channels of a target (under softmax `target[1:]`, not the background); spacing one value
+    per spatial axis, mm, array order. Returns float32 (K, *spatial)."""
+    masks = np.asarray(masks)
+    if masks.ndim < 2 or len(masks) == 0:
+        raise ValueError(f"masks {masks.shape}: expected (K, *spatial) with K >= 1")
+    return np.stack([signed_distance_map(mask, spacing) for mask in masks])
 
-    logits: (B, 1, D, H, W); distance_map: (B, 1, D, H, W) from `signed_distance_map` of the
-    target. It goes negative: the best prediction is 1 wherever the map is negative (inside)
-    and 0 wherever it is positive, which scores minus the mean depth of the atrium. Boundary
-    voxels have distance 0 and get no gradient from it, which is why it is paired with Dice.
+
+def boundary_loss(logits: torch.Tensor, distance_map: torch.Tensor, reduction: str = "mean",
+                  activation: str = "sigmoid") -> torch.Tensor:
+    """Boundary loss (Kervadec et al.): per sample, the mean over the K foreground channels of
+    the mean over voxels of `p_c * distance_map_c`, then reduced over the batch; millimetres.
+
+    logits: (B, C, *spatial); distance_map: (B, K, *spatial) from `signed_distance_maps` of
+    the target's foreground channels: K = C under sigmoid, C - 1 under softmax (p from
+    channels 1..K). It goes negative: the best prediction is 1 wherever the map is negative
+    (inside) and 0 wherever it is positive, which scores minus the mean depth of the
+    structure. Boundary voxels have distance 0 and get no gradient from it, which is why it
+    is paired with Dice.
     """
-    _check_shapes(logits, distance_map, "distance_map")
-    probs = torch.sigmoid(logits.float())
+    assert logits.dim() >= 3, f"logits {tuple(logits.shape)}: expected (B, C, *spatial)"
+    k = foreground_channels(logits.shape[1], activation)
+    assert distance_map.shape == (logits.shape[0], k, *logits.shape[2:]), \
+        (f"logits {tuple(logits.shape)} vs distance_map {tuple(distance_map.shape)}: expected (B, K, *spatial) "
+         f"with K = {k} foreground channel(s) under {activation}")
+    probs = _probs(logits, activation)                  # (B, K, *spatial)
+    # Every channel has the same voxel count, so the mean over all is the mean of the channels' means.
     return _reduce((probs * distance_map.float()).flatten(1).mean(1), reduction)
 
 
 def hybrid_loss(logits: torch.Tensor, target: torch.Tensor, distance_map: torch.Tensor, weight: float,
-                eps: float = 1.0, squared: bool = False, reduction: str = "mean") -> torch.Tensor:
+                eps: float = 1.0, squared: bool = False, reduction: str = "mean",
+                activation: str = "sigmoid") -> torch.Tensor:
     """`weight * dice_loss + (1 - weight) * boundary_loss`; `weight` in [0, 1] comes from a
     `BoundarySchedule`. Shapes as `dice_loss` and `boundary_loss`."""
     if not 0 <= weight <= 1:
         raise ValueError(f"hybrid_loss: weight {weight} must lie in [0, 1]")
-    dice = dice_loss(logits, target, eps=eps, squared=squared, reduction=reduction)
-    return weight * dice + (1 - weight) * boundary_loss(logits, distance_map, reduction=reduction)
+    dice = dice_loss(logits, target, eps=eps, squared=squared, reduction=reduction, activation=activation)
+    return weight * dice + (1 - weight) * boundary_loss(logits, distance_map, reduction=reduction,
+                                                        activation=activation)
 
 
 class BoundarySchedule:
@@ -207,7 +314,7 @@ class BoundarySchedule:
         self.weight, self.started = float(state["weight"]), bool(state["started"])
 
 
-LOSS_NAMES = ("Dice", "Focal", "Boundary", "Hybrid")
+LOSS_NAMES = ("Dice", "Focal", "Boundary", "Hybrid", "DiceCE")
 
 
 @dataclass(frozen=True)
@@ -216,20 +323,27 @@ class SegmentationLoss:
 
         loss = SegmentationLoss("Hybrid")(logits, target, distance_map, weight)
 
-    logits, target, distance_map: (B, 1, D, H, W); distance_map is needed by "Boundary" and
+    activation "sigmoid" (default): logits, target: (B, C, *spatial), target multi-hot;
+        distance_map: (B, C, *spatial), one per channel.
+    activation "softmax": logits, target: (B, C, *spatial), target one-hot, channel 0 the
+        background; distance_map: (B, C - 1, *spatial), one per class 1..C-1.
+    The atrium: (B, 1, D, H, W) throughout, sigmoid. distance_map is needed by "Boundary" and
     "Hybrid" (`needs_distance_map`) and may be None otherwise; `weight` is the hybrid's Dice
-    weight (from `BoundarySchedule.weight`) and is ignored by the other three. Returns the
-    batch mean.
+    weight (from `BoundarySchedule.weight`) and is ignored by the others. Returns the batch
+    mean.
     """
 
     name: str = "Dice"
     focal_alpha: float = FOCAL_ALPHA
     focal_gamma: float = FOCAL_GAMMA
     squared_dice: bool = False
+    activation: str = "sigmoid"
 
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
             raise ValueError(f"loss {self.name!r}: must be one of {', '.join(LOSS_NAMES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
         if not 0 <= self.focal_alpha <= 1 or self.focal_gamma < 0:
             raise ValueError(f"focal alpha {self.focal_alpha} must lie in [0, 1] and gamma {self.focal_gamma} be >= 0")
 
@@ -241,14 +355,17 @@ class SegmentationLoss:
                  weight: float = 1.0) -> torch.Tensor:
         if self.needs_distance_map and distance_map is None:
             raise ValueError(f"the {self.name} loss needs the target's signed distance map "
-                             "(losses.signed_distance_map)")
+                             "(losses.signed_distance_maps)")
+        act = self.activation
         if self.name == "Dice":
-            return dice_loss(logits, target, squared=self.squared_dice)
+            return dice_loss(logits, target, squared=self.squared_dice, activation=act)
+        if self.name == "DiceCE":
+            return dice_ce_loss(logits, target, squared=self.squared_dice, activation=act)
         if self.name == "Focal":
-            return focal_loss(logits, target, alpha=self.focal_alpha, gamma=self.focal_gamma)
+            return focal_loss(logits, target, alpha=self.focal_alpha, gamma=self.focal_gamma, activation=act)
         if self.name == "Boundary":
-            return boundary_loss(logits, distance_map)
-        return hybrid_loss(logits, target, distance_map, weight, squared=self.squared_dice)
+            return boundary_loss(logits, distance_map, activation=act)
+        return hybrid_loss(logits, target, distance_map, weight, squared=self.squared_dice, activation=act)
 
 
 # Each loss at its defaults, by name (train.py's `--loss_criterion` choices).

@@ -6,6 +6,9 @@ and training share; `overlap_metrics` and `dice` are its voxel-counting part, ch
 call every validation epoch. Distances are exact Euclidean distances between surface voxel
 centres, scaled by the voxel spacing, found with nearest-neighbour queries between the two
 surface point sets inside the union's bounding box (no distance transform of the volume).
+`structure_metrics` scores the classes and regions (unions of classes) of two integer label maps
+with the same metrics, one row per structure, and `describe_structures` and
+`format_structure_table` summarise those rows per structure.
 How these definitions compare with MONAI's, medpy's, surface-distance's and SimpleITK's:
 docs/metrics.md.
 
@@ -155,17 +158,23 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, *, spacing) -> dict[st
     p, t = binary_mask(pred, "pred"), binary_mask(target, "target")
     if p.shape != t.shape:
         raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape")
-    s = _check_spacing(spacing, p.ndim)
-    union = p | t
-    box = bounding_box(union)
+    return _metrics_in_box(p, t, p.shape, _check_spacing(spacing, p.ndim))
+
+
+def _metrics_in_box(p: np.ndarray, t: np.ndarray, shape: tuple[int, ...], s: np.ndarray) -> dict[str, float]:
+    """`compute_metrics` of two bool masks cut out of a volume of `shape` by a box that holds all
+    their foreground: the voxels outside it are true negatives, and the worst distance is the
+    whole volume's diagonal."""
+    size = int(np.prod(shape))
+    box = bounding_box(p | t)
     if box is None:
-        return {**_overlap_from_counts(0, 0, 0, p.size), "hd": 0.0, "hd95": 0.0, "assd": 0.0}
+        return {**_overlap_from_counts(0, 0, 0, size), "hd": 0.0, "hd95": 0.0, "assd": 0.0}
     # Every foreground voxel is inside the box, so counting there is counting everywhere.
     p, t = p[box], t[box]
     tp, fp, fn, _ = _counts(p, t)
-    out = _overlap_from_counts(tp, fp, fn, union.size - tp - fp - fn)
+    out = _overlap_from_counts(tp, fp, fn, size - tp - fp - fn)
     if tp + fp == 0 or tp + fn == 0:
-        worst = worst_distance(union.shape, s)
+        worst = worst_distance(shape, s)
         return {**out, "hd": worst, "hd95": worst, "assd": worst}
     d_pt, d_tp = surface_distances(p, t, spacing=s)
     return {**out,
@@ -174,8 +183,82 @@ def compute_metrics(pred: np.ndarray, target: np.ndarray, *, spacing) -> dict[st
             "assd": float((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size))}
 
 
+STRUCTURE = "structure"  # the column naming a class or a region in per-structure rows
+
+
+def _label_maps(pred, target) -> tuple[np.ndarray, np.ndarray]:
+    p, t = np.asarray(pred), np.asarray(target)
+    if p.dtype.kind not in "iu" or t.dtype.kind not in "iu":
+        raise ValueError(f"pred ({p.dtype}) and target ({t.dtype}) must be integer label maps; "
+                         "score a binary mask with compute_metrics")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {p.shape} and target {t.shape} must have the same shape")
+    return p, t
+
+
+def _check_structures(structures) -> list[tuple[str, tuple[int, ...]]]:
+    checked = []
+    for item in structures:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"structures: expected (name, values) pairs, got {item!r}")
+        name, values = item
+        ok = isinstance(values, (tuple, list)) and len(values) > 0 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v != 0 for v in values)
+        if not ok:
+            raise ValueError(f"structure {name!r}: values must be a non-empty tuple of non-zero integer labels "
+                             f"(0 is background), got {values!r}")
+        checked.append((str(name), tuple(int(v) for v in values)))
+    names = [n for n, _ in checked]
+    if not checked or len(set(names)) != len(names):
+        raise ValueError(f"structures: expected at least one (name, values) pair and distinct names, got {names}")
+    return checked
+
+
+def _hull(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    if a is None or b is None:
+        return a or b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def structure_metrics(pred: np.ndarray, target: np.ndarray, structures, *, spacing) -> list[dict]:
+    """`compute_metrics` of each class or region of two label maps, one row per structure.
+
+    pred, target: (D, H, W) integer label maps (any integer dtype, 0 background). structures:
+    `(name, values)` pairs, `values` a tuple of non-zero labels: a class is one value, a region
+    several, e.g. `[("edema", (1,)), ("whole tumour", (1, 2, 3)), ("tumour core", (2, 3))]`.
+    spacing: (sz, sy, sx) mm, array order. Returns, in the order given,
+    `{"structure": name, **compute_metrics(np.isin(pred, values), np.isin(target, values))}`:
+    the module's empty-mask policy per structure, so a structure absent from both maps scores
+    as a perfect answer.
+
+    Each structure's masks are made inside the bounding box of both maps' non-zero voxels only:
+    outside it every structure's voxels are true negatives, counted from the full shape, and
+    the worst distance is the full volume's diagonal, so the rows equal the full-volume ones.
+    Raises ValueError for float or bool maps, maps of different shapes, a bad spacing, or a
+    structure whose values are empty, non-integer or 0.
+    """
+    p, t = _label_maps(pred, target)
+    s = _check_spacing(spacing, p.ndim)
+    checked = _check_structures(structures)
+    shape = p.shape
+    box = _hull(bounding_box(p), bounding_box(t)) or tuple(slice(0, 0) for _ in shape)
+    p, t = p[box], t[box]
+    return [{STRUCTURE: name, **_metrics_in_box(np.isin(p, values), np.isin(t, values), shape, s)}
+            for name, values in checked]
+
+
 EMPTY_MASK_RULE = ("both masks empty: every ratio 1 and every distance 0; exactly one empty (a missed or an "
                    "invented atrium): Dice and IoU 0 and every distance the volume's diagonal in mm")
+# How BraTS's own evaluations score empty regions; docs/metrics.md gives the sources.
+BRATS_EMPTY_MASK_RULE = (
+    "BraTS 2021 (CaPTk's GetBraTSLabelStatistics): both empty -> Dice 1 and HD95 0, as ours; exactly one empty -> "
+    "Dice 0 and HD95 the image diagonal counted in voxels, sqrt(240^2 + 240^2 + 155^2) = 373.13 on BraTS's 1 mm "
+    "grid, where it equals ours (ours scales each axis by its spacing). BraTS 2023 lesion-wise (BraTS-2023-Metrics): "
+    "each missed or invented lesion scores Dice 0 and HD95 a fixed 374, a region absent from both Dice 1 and HD95 0, "
+    "and its full-volume ('legacy') HD95 with one side empty is 374, not the diagonal. MONAI's DiceMetric with "
+    "ignore_empty=True (its default) gives NaN whenever the reference is empty, invented regions included, so its "
+    "mean leaves those cases out; ignore_empty=False scores an empty reference 1 if the prediction is empty too, "
+    "else 0.")
 
 
 def describe_cases(rows: list[dict[str, float]], keys=METRIC_KEYS) -> dict:
@@ -185,6 +268,15 @@ def describe_cases(rows: list[dict[str, float]], keys=METRIC_KEYS) -> dict:
         v = np.array([r[k] for r in rows], dtype=np.float64)
         out[k] = {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
     return out
+
+
+def describe_structures(rows: list[dict], keys=METRIC_KEYS) -> dict[str, dict]:
+    """`describe_cases` per structure of per-structure rows (each with a "case_id" and a
+    "structure", as `structure_metrics` makes them), the structures in order of first appearance."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r[STRUCTURE], []).append(r)
+    return {name: describe_cases(group, keys) for name, group in groups.items()}
 
 
 def summarise(rows: list[dict[str, float]], keys) -> dict[str, tuple[float, float]]:
@@ -211,13 +303,19 @@ def format_table(rows: list[dict], keys=METRIC_KEYS) -> str:
     return _render(table, keys)
 
 
-def format_summary_table(groups: list[tuple[str, dict]], keys=METRIC_KEYS) -> str:
+def format_summary_table(groups: list[tuple[str, dict]], keys=METRIC_KEYS, title: str = "") -> str:
     """One line of mean +- std per group of cases (`(name, describe_cases(...))`, e.g. each fold
-    and all folds pooled), with the number of cases."""
-    table = [["", "cases", *keys]]
+    and all folds pooled), with the number of cases; `title` heads the names' column."""
+    table = [[title, "cases", *keys]]
     table += [[name, str(d["cases"]), *(_summary_cell(k, d[k]["mean"], d[k]["std"]) for k in keys)]
               for name, d in groups]
     return _render(table, keys)
+
+
+def format_structure_table(rows: list[dict], keys=METRIC_KEYS) -> str:
+    """One line per structure of per-structure rows: the number of cases and mean +- std of
+    each metric (`describe_structures`)."""
+    return format_summary_table(list(describe_structures(rows, keys).items()), keys, title=STRUCTURE)
 
 
 def _render(table: list[list[str]], keys) -> str:

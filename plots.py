@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from dataset import bounding_box
+from metrics import STRUCTURE, describe_structures
 from utils import atomic_write
 
 BOX_PLOT_TAG = "evaluate.py box plot"  # PNG "Software" text: marks a box plot as ours to replace
@@ -63,13 +64,22 @@ def png_software(path) -> str | None:
 
 def box_plot(path, rows: list[dict]) -> None:
     """Box plot of Dice and HD95 over cases, each case a dot beside its box, tagged with
-    BOX_PLOT_TAG so that a later evaluation knows it may replace the file."""
+    BOX_PLOT_TAG so that a later evaluation knows it may replace the file.
+
+    Rows with a "structure" key (`metrics.structure_metrics`) get one box per structure in each
+    panel, in order of first appearance, labelled with the structure's name and its mean +- std.
+    """
+    has_structure = [STRUCTURE in r for r in rows]
+    if any(has_structure) and not all(has_structure):
+        raise ValueError("box_plot: rows mix per-structure rows (with a 'structure' key) and per-case rows")
+    if rows and all(has_structure):
+        _structure_box_plot(path, rows)
+        return
     fig = _figure(figsize=(6.4, 4.2), layout="constrained")
     for ax, key, name in zip(fig.subplots(1, 2), ("dice", "hd95"), ("Dice", "HD95 (mm)")):
         values = np.array([r[key] for r in rows])
         ax.boxplot(values, widths=0.4, positions=[0])
-        ax.plot(np.linspace(0.35, 0.55, len(values)) if len(values) > 1 else [0.45], values, "o",
-                ms=4, alpha=0.6, color="tab:blue")
+        ax.plot(_dot_offsets(len(values)), values, "o", ms=4, alpha=0.6, color="tab:blue")
         ax.set_xlim(-0.5, 0.8)
         ax.set_xticks([])
         ax.set_ylabel(name)
@@ -77,7 +87,38 @@ def box_plot(path, rows: list[dict]) -> None:
                      else f"{name}: {values.mean():.2f} +- {values.std():.2f}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{len(rows)} case(s)", fontsize=10)
+    _save_box_plot(path, fig)
+
+
+def _dot_offsets(n: int) -> np.ndarray:
+    """x offsets of a box's case dots, to the right of the box."""
+    return np.linspace(0.35, 0.55, n) if n > 1 else np.array([0.45])
+
+
+def _save_box_plot(path, fig) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, metadata={"Software": BOX_PLOT_TAG}))
+
+
+def _structure_box_plot(path, rows: list[dict]) -> None:
+    stats = describe_structures(rows, ("dice", "hd95"))
+    names = list(stats)
+    fig = _figure(figsize=(max(6.4, 2.2 * len(names) + 1.6), 4.6), layout="constrained")
+    for ax, key, name in zip(fig.subplots(1, 2), ("dice", "hd95"), ("Dice", "HD95 (mm)")):
+        digits = 3 if key == "dice" else 2
+        for i, structure in enumerate(names):
+            values = np.array([r[key] for r in rows if r[STRUCTURE] == structure])
+            ax.boxplot(values, widths=0.4, positions=[i])
+            ax.plot(i + _dot_offsets(len(values)), values, "o", ms=3, alpha=0.6, color=f"C{i % 10}")
+        ax.set_xlim(-0.5, len(names) - 0.2)
+        ax.set_xticks(range(len(names)), [
+            f"{n}\n{stats[n][key]['mean']:.{digits}f} +- {stats[n][key]['std']:.{digits}f}" for n in names],
+            fontsize=8)
+        ax.set_ylabel(name)
+        ax.set_title(f"{name} per structure (mean +- std)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    cases = max(stats[n]["cases"] for n in names)
+    fig.suptitle(f"{cases} case(s), {len(names)} structure(s)", fontsize=10)
+    _save_box_plot(path, fig)
 
 
 def slice_centre(mask: np.ndarray, label: np.ndarray | None) -> tuple[int, int, int]:

@@ -6,7 +6,20 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from metrics import METRIC_KEYS, compute_metrics, dice, overlap_metrics, summarise, surface, worst_distance
+from metrics import (
+    BRATS_EMPTY_MASK_RULE,
+    METRIC_KEYS,
+    compute_metrics,
+    describe_cases,
+    describe_structures,
+    dice,
+    format_structure_table,
+    overlap_metrics,
+    structure_metrics,
+    summarise,
+    surface,
+    worst_distance,
+)
 
 
 def masks():
@@ -302,3 +315,214 @@ def test_summarise_is_mean_and_population_std():
     rows = [{"dice": 0.5, "hd": 1.0}, {"dice": 0.7, "hd": 3.0}]
     stats = summarise(rows, ("dice", "hd"))
     assert stats["dice"] == pytest.approx((0.6, 0.1)) and stats["hd"] == pytest.approx((2.0, 1.0))
+
+
+# ---- classes and regions of label maps
+
+# The brief's tumour example: classes 1 edema, 2 non-enhancing, 3 enhancing, and the regions
+# whole tumour {1, 2, 3}, tumour core {2, 3} and enhancing tumour {3}.
+CLASSES = [("edema", (1,)), ("non-enhancing", (2,)), ("enhancing", (3,))]
+REGIONS = [("whole tumour", (1, 2, 3)), ("tumour core", (2, 3)), ("enhancing tumour", (3,))]
+ANISOTROPIC = (2.0, 0.8, 0.7)  # (sz, sy, sx) mm
+
+
+def tumour_map(shape, rng) -> np.ndarray:
+    """Smoothed noise cut at three levels: nested lumps of labels 1 < 2 < 3, like a tumour's
+    edema around its core around its enhancing part, with concavities and islands."""
+    field = ndimage.gaussian_filter(rng.random(shape), 1.5)
+    lo, hi = np.percentile(field, (40, 97))
+    return np.digitize(field, np.linspace(lo, hi, 4)[:3]).astype(np.uint8)
+
+
+def random_label_pairs(count, seed):
+    """`count` pairs of label maps of random shapes in which every class occurs in both maps."""
+    rng = np.random.default_rng(seed)
+    while count:
+        shape = tuple(int(n) for n in rng.integers(10, 24, 3))
+        pred, target = tumour_map(shape, rng), tumour_map(shape, rng)
+        if all((pred == v).any() and (target == v).any() for v in (1, 2, 3)):
+            count -= 1
+            yield pred, target
+
+
+def naive_rows(pred, target, structures, spacing):
+    """The definition, on the full volume: `compute_metrics` of each structure's masks."""
+    return [{"structure": name, **compute_metrics(np.isin(pred, v), np.isin(target, v), spacing=spacing)}
+            for name, v in structures]
+
+
+def test_structure_metrics_hand_computed():
+    # One row of six voxels, 0.5 mm apart along x:
+    # pred   0 1 1 2 3 0
+    # target 0 1 2 2 3 3
+    pred = np.array([[[0, 1, 1, 2, 3, 0]]], np.int16)
+    target = np.array([[[0, 1, 2, 2, 3, 3]]], np.int16)
+    rows = structure_metrics(pred, target, CLASSES + REGIONS[:2], spacing=(1.0, 1.0, 0.5))
+    assert [r["structure"] for r in rows] == ["edema", "non-enhancing", "enhancing", "whole tumour", "tumour core"]
+    edema, non_enhancing, enhancing, whole, core = rows
+    # edema: pred {1, 2}, target {1}: tp 1, fp 1, fn 0, tn 4
+    assert edema["dice"] == 2 / 3 and edema["iou"] == 1 / 2 and edema["precision"] == 1 / 2
+    assert edema["recall"] == 1.0 and edema["specificity"] == 4 / 5
+    assert edema["hd"] == 0.5  # pred's x = 2 is 0.5 mm from target's x = 1
+    # non-enhancing: pred {3}, target {2, 3}; enhancing: pred {4}, target {4, 5}
+    assert non_enhancing["dice"] == enhancing["dice"] == 2 / 3 and enhancing["hd"] == 0.5
+    # whole tumour: pred {1, 2, 3, 4}, target {1, ..., 5}; tumour core: pred {3, 4}, target {2, ..., 5}
+    assert whole["dice"] == 8 / 9 and whole["recall"] == 4 / 5 and whole["specificity"] == 1.0
+    assert core["dice"] == 4 / 6 and core["iou"] == 2 / 4 and core["hd"] == 0.5
+
+
+def test_per_class_overlap_agrees_with_simpleitk_label_overlap_measures():
+    """SimpleITK (2.5.7, ITK 5.4) with the prediction as source image and the reference as
+    target, per label: DiceCoefficient = 2|S n T| / (|S| + |T|) (computed from the Jaccard, so
+    equal up to rounding), JaccardCoefficient = IoU, FalseNegativeError = |T \\ S| / |T| = 1 - recall,
+    FalsePositiveError = |S \\ T| / |~T| = FP / (FP + TN) = 1 - specificity (not 1 - precision,
+    which is its FalseDiscoveryRate)."""
+    differs = 0
+    for pred, target in random_label_pairs(6, seed=10):
+        rows = structure_metrics(pred, target, CLASSES, spacing=ANISOTROPIC)
+        f = sitk.LabelOverlapMeasuresImageFilter()
+        f.Execute(to_sitk(pred, ANISOTROPIC), to_sitk(target, ANISOTROPIC))  # (source = prediction, target)
+        for (_, (label,)), m in zip(CLASSES, rows):
+            assert abs(m["dice"] - f.GetDiceCoefficient(label)) < 1e-12
+            assert abs(m["iou"] - f.GetJaccardCoefficient(label)) < 1e-12
+            assert abs((1 - m["recall"]) - f.GetFalseNegativeError(label)) < 1e-12
+            assert abs((1 - m["specificity"]) - f.GetFalsePositiveError(label)) < 1e-12
+            assert abs((1 - m["precision"]) - f.GetFalseDiscoveryRate(label)) < 1e-12
+            differs += abs((1 - m["precision"]) - f.GetFalsePositiveError(label)) > 0.01
+    assert differs == 18  # the false positive error is not 1 - precision on any label
+
+
+def test_per_class_hd_equals_simpleitk_on_each_label_mask():
+    # SimpleITK measures between all voxels of the two masks, we between their surface voxels.
+    # A voxel outside the other mask has its nearest voxel of that mask on its surface, so the
+    # two agree wherever the largest distance is from a part that sticks out, which is so for
+    # every class of these random maps; they part only where a surface lies inside the other
+    # mask (test_hd_is_measured_between_surfaces_not_foreground). Between the masks' contour
+    # images SimpleITK measures what we measure, always.
+    for pred, target in random_label_pairs(10, seed=11):
+        rows = structure_metrics(pred, target, CLASSES, spacing=ANISOTROPIC)
+        for (_, (label,)), m in zip(CLASSES, rows):
+            a, b = pred == label, target == label
+            assert abs(m["hd"] - sitk_hausdorff(to_sitk(a, ANISOTROPIC), to_sitk(b, ANISOTROPIC))) < 1e-4
+            ca, cb = (sitk.BinaryContour(to_sitk(np.pad(x, 1), ANISOTROPIC), fullyConnected=False) for x in (a, b))
+            assert abs(m["hd"] - sitk_hausdorff(ca, cb)) < 1e-4
+
+
+def test_regions_equal_compute_metrics_on_the_union_of_their_classes():
+    for pred, target in random_label_pairs(4, seed=12):
+        rows = structure_metrics(pred, target, REGIONS, spacing=ANISOTROPIC)
+        for (_, values), row in zip(REGIONS, rows):
+            union_p = np.zeros(pred.shape, bool)
+            union_t = np.zeros(pred.shape, bool)
+            for v in values:
+                union_p |= pred == v
+                union_t |= target == v
+            assert row == {"structure": row["structure"], **compute_metrics(union_p, union_t, spacing=ANISOTROPIC)}
+
+
+def test_bounding_box_shortcut_equals_the_full_volume_computation():
+    rng = np.random.default_rng(13)
+    pred = np.zeros((40, 48, 36), np.int32)
+    target = np.zeros_like(pred)
+    pred[5:19, 20:36, 3:17] = tumour_map((14, 16, 14), rng)
+    target[7:21, 18:34, 4:18] = tumour_map((14, 16, 14), rng)
+    target[target == 2] = 1  # non-enhancing only in the prediction: absent in one map
+    structures = CLASSES + REGIONS + [("necrosis", (4,)), ("edema or necrosis", (1, 4))]  # 4: absent in both
+    for p, t in ((pred, target), (target, pred)):
+        assert structure_metrics(p, t, structures, spacing=ANISOTROPIC) == naive_rows(p, t, structures, ANISOTROPIC)
+    rows = {r["structure"]: r for r in structure_metrics(pred, target, structures, spacing=ANISOTROPIC)}
+    assert rows["necrosis"] == compute_metrics(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), spacing=ANISOTROPIC) | {
+        "structure": "necrosis"}
+    # Missed everywhere: the full volume's diagonal, not the box's; its background is the full volume.
+    assert rows["non-enhancing"]["hd"] == worst_distance(pred.shape, ANISOTROPIC)
+    invented = np.count_nonzero(pred == 2)
+    assert invented > 0 and not (target == 2).any()
+    assert rows["non-enhancing"]["specificity"] == (pred.size - invented) / pred.size
+    # Touching the volume's border on every side: the box is the whole volume.
+    rim_p, rim_t = tumour_map((12, 14, 16), rng), tumour_map((12, 14, 16), rng)
+    rim_p[0, 0, 0] = rim_t[-1, -1, -1] = 1
+    rim_t[:, 0, 5] = 3
+    assert structure_metrics(rim_p, rim_t, structures, spacing=ANISOTROPIC) == naive_rows(
+        rim_p, rim_t, structures, ANISOTROPIC)
+
+
+def test_structure_metrics_of_two_empty_maps_is_a_perfect_answer_for_every_structure():
+    z = np.zeros((5, 6, 7), np.uint8)
+    rows = structure_metrics(z, z.astype(np.int64), CLASSES, spacing=ANISOTROPIC)
+    both_empty = compute_metrics(z, z, spacing=ANISOTROPIC)
+    assert rows == [{"structure": name, **both_empty} for name, _ in CLASSES]
+
+
+def test_structure_metrics_take_any_integer_dtype_alike():
+    pred, target = next(random_label_pairs(1, seed=14))
+    expected = structure_metrics(pred, target, REGIONS, spacing=ANISOTROPIC)
+    for dtype in (np.int8, np.uint16, np.int32, np.int64):
+        assert structure_metrics(pred.astype(dtype), target.astype(dtype), REGIONS, spacing=ANISOTROPIC) == expected
+
+
+@pytest.mark.parametrize("pred, target, fragments", [
+    (np.zeros((3, 4, 5)), np.zeros((3, 4, 5), np.uint8), ["float64", "uint8", "integer label maps"]),
+    (np.zeros((3, 4, 5), np.uint8), np.zeros((3, 4, 5), bool), ["uint8", "bool", "integer label maps"]),
+    (np.zeros((3, 4, 5), np.uint8), np.zeros((3, 4, 6), np.uint8), ["(3, 4, 5)", "(3, 4, 6)", "same shape"]),
+])
+def test_structure_metrics_rejects_bad_label_maps(pred, target, fragments):
+    with pytest.raises(ValueError) as e:
+        structure_metrics(pred, target, CLASSES, spacing=(1, 1, 1))
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+
+
+@pytest.mark.parametrize("structures, fragments", [
+    ([("core", ())], ["'core'", "()"]),
+    ([("core", (2, 1.5))], ["'core'", "(2, 1.5)"]),
+    ([("core", ("2",))], ["'core'", "('2',)"]),
+    ([("core", (True,))], ["'core'", "(True,)"]),
+    ([("all", (0, 1))], ["'all'", "(0, 1)", "background"]),
+    ([("edema", 1)], ["'edema'", "got 1"]),
+    ([("edema",)], ["(name, values) pairs", "('edema',)"]),
+    ([("a", (1,)), ("a", (2,))], ["distinct names", "['a', 'a']"]),
+    ([], ["at least one"]),
+])
+def test_structure_metrics_rejects_bad_structures(structures, fragments):
+    z = np.zeros((3, 4, 5), np.uint8)
+    with pytest.raises(ValueError) as e:
+        structure_metrics(z, z, structures, spacing=(1, 1, 1))
+    assert all(f in str(e.value) for f in fragments), str(e.value)
+
+
+def test_structure_metrics_rejects_a_bad_spacing():
+    z = np.zeros((3, 4, 5), np.uint8)
+    with pytest.raises(ValueError, match="spacing"):
+        structure_metrics(z, z, CLASSES, spacing=(1, 1))
+
+
+# ---- summaries per structure
+
+
+def structure_rows():
+    return [{"case_id": "a", "structure": "whole tumour", "dice": 0.5, "hd": 4.0},
+            {"case_id": "a", "structure": "enhancing", "dice": 1.0, "hd": 0.0},
+            {"case_id": "b", "structure": "whole tumour", "dice": 1.0, "hd": 2.0},
+            {"case_id": "b", "structure": "enhancing", "dice": 0.5, "hd": 6.0}]
+
+
+def test_describe_structures_is_describe_cases_per_structure_in_order_of_appearance():
+    described = describe_structures(structure_rows(), ("dice", "hd"))
+    assert list(described) == ["whole tumour", "enhancing"]
+    assert described["whole tumour"]["cases"] == 2
+    assert described["whole tumour"]["dice"] == {"mean": 0.75, "std": 0.25, "median": 0.75}
+    assert described["enhancing"]["hd"] == {"mean": 3.0, "std": 3.0, "median": 3.0}
+    assert described["enhancing"] == describe_cases(structure_rows()[1::2], ("dice", "hd"))
+
+
+def test_format_structure_table_has_one_line_per_structure():
+    lines = format_structure_table(structure_rows(), ("dice", "hd")).splitlines()
+    assert lines[0].split() == ["structure", "cases", "dice", "hd"]
+    assert lines[1].split() == ["whole", "tumour", "2", "0.750+-0.250", "3.00+-1.00"]
+    assert lines[2].split() == ["enhancing", "2", "0.750+-0.250", "3.00+-3.00"]
+    assert lines[3] == "(hd in mm, between surface voxels)"
+
+
+def test_brats_rule_names_our_worst_distance_on_the_brats_grid():
+    # 240 x 240 x 155 voxels of 1 mm: CaPTk's diagonal in voxels is our diagonal in mm.
+    assert f"{worst_distance((155, 240, 240), (1.0, 1.0, 1.0)):.2f}" == "373.13"
+    assert "373.13" in BRATS_EMPTY_MASK_RULE and "374" in BRATS_EMPTY_MASK_RULE

@@ -1,6 +1,7 @@
 """plots.py: each figure is a PNG written atomically, showing what it should."""
 import matplotlib.image
 import numpy as np
+import pytest
 import torch
 
 import augment as A
@@ -65,3 +66,22 @@ def test_box_plot_is_tagged_and_training_curves_skip_empty_columns(tmp_path):
             {"epoch": "2", "train_loss": "0.4", "val_dice": "", "boundary_weight": ""}]
     assert plots.training_curves(tmp_path / "c.png", rows) == ["training loss"]
     assert plots.png_software(tmp_path / "c.png") != plots.BOX_PLOT_TAG  # not ours to replace
+
+
+def test_box_plot_draws_one_box_per_structure_and_is_tagged(tmp_path):
+    structures = ("whole tumour", "tumour core", "enhancing")
+    rows = [{"case_id": c, "structure": s, "dice": d - 0.1 * i, "hd95": h + i}
+            for c, d, h in (("a", 0.8, 2.0), ("b", 0.6, 5.0), ("c", 0.9, 1.0)) for i, s in enumerate(structures)]
+    plots.box_plot(tmp_path / "s.png", rows)
+    assert plots.png_software(tmp_path / "s.png") == plots.BOX_PLOT_TAG
+    plots.box_plot(tmp_path / "p.png", [{k: r[k] for k in ("dice", "hd95")} for r in rows[::3]])
+    # three boxes per panel need a wider figure than the one box of per-case rows
+    assert matplotlib.image.imread(tmp_path / "s.png").shape[1] > matplotlib.image.imread(tmp_path / "p.png").shape[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "s.png"]
+
+
+def test_box_plot_rejects_rows_that_mix_structures_and_cases(tmp_path):
+    rows = [{"dice": 0.8, "hd95": 2.0, "structure": "edema"}, {"dice": 0.9, "hd95": 1.0}]
+    with pytest.raises(ValueError, match="mix"):
+        plots.box_plot(tmp_path / "m.png", rows)
+    assert not (tmp_path / "m.png").exists()

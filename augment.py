@@ -5,8 +5,10 @@ write-up) and intensity scaling (off by default: the defaults are the write-up's
 command-line flags that set them (`plots.augmentation_grid` draws what they do).
 
 Each transform takes `(image, label, rng)` with an explicit `numpy.random.Generator` and
-returns `(image, label)`: image float32 (D, H, W), label uint8 (D, H, W) in {0, 1}. Image and
-label move together; the label is resampled by nearest neighbour and stays binary.
+returns `(image, label)`: image float32 (D, H, W), or (C, D, H, W) for C channels, label uint8
+(D, H, W) of class indices. Image and label move together, every channel alike; the label is
+resampled by nearest neighbour and keeps its values. Intensity transforms (scaling, noise) draw
+per channel.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def gaussian_noise(image, label, rng, std: float = 0.1):
 def rotate_depth(image, label, rng, max_degrees: float = 3.0):
     """Rotate every axial slice by one angle in [-max, +max] degrees (about the D axis)."""
     angle = rng.uniform(-max_degrees, max_degrees)
-    image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="nearest")
+    image = ndimage.rotate(image, angle, axes=(image.ndim - 2, image.ndim - 1), reshape=False, order=1, mode="nearest")
     label = ndimage.rotate(label, angle, axes=(1, 2), reshape=False, order=0, mode="constant", cval=0)
     return image.astype(np.float32), label
 
@@ -51,6 +53,8 @@ def translate_hw(image, label, rng, max_voxels: int = 5):
     axes = [[1], [2], [1, 2]][rng.integers(3)]
     for ax in axes:
         offset[ax] = int(rng.integers(-max_voxels, max_voxels + 1))
+    if image.ndim == 4:  # each channel filled with its own minimum
+        return np.stack([shift(channel, offset, float(channel.min())) for channel in image]), shift(label, offset, 0)
     return shift(image, offset, float(image.min())), shift(label, offset, 0)
 
 
@@ -58,6 +62,10 @@ def scale_intensity(image, label, rng, max_scale: float = 0.1, max_offset: float
     """Multiply by a factor drawn from [1 - max_scale, 1 + max_scale], then add an offset drawn
     from [-max_offset, +max_offset]. The image is z-scored, so the factor changes the contrast
     about the scan's mean (0) and the offset moves the mean, in units of the scan's std."""
+    if image.ndim == 4:  # one factor and one offset per channel
+        factor = rng.uniform(1.0 - max_scale, 1.0 + max_scale, (len(image), 1, 1, 1)).astype(np.float32)
+        offset = rng.uniform(-max_offset, max_offset, (len(image), 1, 1, 1)).astype(np.float32)
+        return (image * factor + offset).astype(np.float32), label
     factor = rng.uniform(1.0 - max_scale, 1.0 + max_scale)
     offset = rng.uniform(-max_offset, max_offset)
     return (image * np.float32(factor) + np.float32(offset)).astype(np.float32), label
@@ -103,12 +111,15 @@ def warp_in_plane(image, label, field):
 
     The displacement has no D component, so each slice is a 2D interpolation, with half the
     neighbours of a 3D linear one."""
-    d, h, w = image.shape
+    d, h, w = label.shape
     hh, ww = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
     out_image, out_label = np.empty_like(image), np.empty_like(label)
+    channels = image if image.ndim == 4 else image[None]
+    out_channels = out_image if image.ndim == 4 else out_image[None]
     for k in range(d):
         coords = np.stack([hh + field[0, k], ww + field[1, k]])  # (2, H, W)
-        ndimage.map_coordinates(image[k], coords, output=out_image[k], order=1, mode="nearest")
+        for channel, out in zip(channels, out_channels):
+            ndimage.map_coordinates(channel[k], coords, output=out[k], order=1, mode="nearest")
         ndimage.map_coordinates(label[k], coords, output=out_label[k], order=0, mode="nearest")
     return out_image, out_label
 
@@ -119,7 +130,7 @@ def elastic_deform(image, label, rng, magnitude: float = 6.0, grid: int = 4):
     In-plane only, like the rotation and translation: the through-plane (D) axis is the
     coarse one in LGE-MRI and in the locator's downscaled grid, and slices stay whole slices.
     The displacement still varies smoothly along D, so neighbouring slices deform alike."""
-    image, label = warp_in_plane(image, label, elastic_field(image.shape, rng, magnitude, grid))
+    image, label = warp_in_plane(image, label, elastic_field(label.shape, rng, magnitude, grid))
     return image, label
 
 

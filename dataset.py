@@ -12,6 +12,7 @@ them.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+import labels as lbl
+from labels import Labels
 from utils import UserError, atomic_write
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
@@ -227,9 +230,90 @@ def resample_onto(array: np.ndarray, props: dict, shape, target_props: dict, *, 
 
 @dataclass(frozen=True)
 class Case:
+    """One scan: `image` a 3D file (one channel), a 4D file of C channels (MSD), or the first of
+    nnU-Net's channel files `<case>_0000`, with the others in `more`; `label` when labelled."""
     case_id: str
     image: Path
     label: Path | None
+    more: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.image, *self.more)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set's dataset.json declares (MSD or nnU-Net v2 form): the channels' names in
+    order (None: not declared) and the classes (None: found in the training labels)."""
+    channels: tuple[str, ...] | None = None
+    labels: Labels | None = None
+    path: Path | None = None
+
+
+def _channel_names(table, path: Path, key: str) -> tuple[str, ...]:
+    if not isinstance(table, dict) or not table or sorted(table, key=str) != [str(i) for i in range(len(table))] \
+            or not all(isinstance(v, str) for v in table.values()):
+        raise UserError(f"{path}: \"{key}\" must map \"0\", \"1\", ... to channel names, got {json.dumps(table)[:80]}")
+    return tuple(table[str(i)] for i in range(len(table)))
+
+
+def _is_value(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= lbl.MAX_VALUE
+
+
+def _labels_of(table, order, path: Path) -> Labels:
+    """Classes (and regions) of a dataset.json's "labels": MSD form {"0": "background", "1":
+    "edema", ...}, or nnU-Net v2 form {"background": 0, "edema": 1, ...} whose entries may be
+    regions ({"whole tumour": [1, 2, 3], ...}, painted in "regions_class_order")."""
+    bad = f"{path}: \"labels\" must map values to names (MSD: {{\"0\": \"background\", \"1\": \"edema\"}}) or names " \
+          f"to values (nnU-Net: {{\"background\": 0, \"edema\": 1}}), values in 0..{lbl.MAX_VALUE}"
+    if not isinstance(table, dict) or not table:
+        raise UserError(bad)
+    if all(k.isdigit() and isinstance(v, str) for k, v in table.items()):  # MSD
+        pairs = sorted((int(k), v) for k, v in table.items() if int(k) != 0)
+        if not pairs or pairs[-1][0] > lbl.MAX_VALUE:
+            raise UserError(bad)
+        return Labels(tuple(v for v, _ in pairs), tuple(n for _, n in pairs))
+    entries = []
+    for name, v in table.items():
+        vs = v if isinstance(v, list) else [v]
+        if not vs or not all(_is_value(x) for x in vs):
+            raise UserError(bad)
+        if vs != [0]:
+            entries.append((name, tuple(sorted(set(vs))), isinstance(v, list)))
+    if not entries:
+        raise UserError(bad)
+    values = sorted(set().union(*(vs for _, vs, _ in entries)))
+    if not any(is_region for *_, is_region in entries):
+        named = {vs[0]: n for n, vs, _ in entries}
+        return Labels(tuple(values), tuple(named[v] for v in values))
+    named = {vs[0]: n for n, vs, _ in entries if len(vs) == 1}
+    classes = Labels(tuple(values), tuple(named.get(v, f"label {v}") for v in values))
+    try:
+        return classes.with_regions([(n, vs) for n, vs, _ in entries], order)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def read_dataset_json(root: str | Path) -> DatasetInfo:
+    """The declarations of `<root>/dataset.json`; an empty DatasetInfo when there is none."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return DatasetInfo()
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable as JSON ({str(e)[:100]}); fix or remove it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object with \"labels\" and \"channel_names\" or \"modality\"")
+    key = "channel_names" if "channel_names" in meta else "modality" if "modality" in meta else None
+    channels = _channel_names(meta[key], path, key) if key else None
+    order = meta.get("regions_class_order")
+    if order is not None and not (isinstance(order, list) and all(_is_value(v) for v in order)):
+        raise UserError(f"{path}: \"regions_class_order\" must be a list of label values, got {order!r}")
+    labels = _labels_of(meta["labels"], order, path) if "labels" in meta else None
+    return DatasetInfo(channels, labels, path)
 
 
 def _is_hidden(p: Path) -> bool:
@@ -243,6 +327,29 @@ def strip_image_suffix(name: str) -> str | None:
         if name.endswith(s):
             return name[: -len(s)]
     return None
+
+
+def _is_channel(stem: str) -> bool:
+    return stem[-5:-4] == "_" and stem[-4:].isdigit()
+
+
+def _check_channel_files(cases: list[Case], names: set, images_dir: Path) -> None:
+    """Every case in nnU-Net's layout has the same channel files `_0000`...; a later channel
+    without its case's `_0000` is a missing first channel."""
+    split = [c for c in cases if strip_image_suffix(c.image.name).endswith("_0000")]
+    most = max((len(c.files) for c in split), default=1)
+    for c in split:
+        if len(c.files) < most:
+            missing = images_dir / f"{c.case_id}_{len(c.files):04d}{c.image.name[len(c.case_id) + 5:]}"
+            raise UserError(f"case {c.case_id}: missing channel file {missing}"
+                            f" (other cases have {most} channels, _0000 to _{most - 1:04d}); add it or remove the case")
+    firsts = {c.case_id for c in split}
+    for name in sorted(names):
+        stem = strip_image_suffix(name)
+        if stem and not name.startswith((".", "_")) and _is_channel(stem) and stem[:-5] not in firsts \
+                and not any(c.case_id == stem for c in cases):
+            raise UserError(f"{images_dir / name}: a channel file without its case's first channel "
+                            f"{stem[:-5]}_0000; add it or remove the file")
 
 
 def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_dir") -> list[Case]:
@@ -260,14 +367,19 @@ def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_di
     images_dir = next((root / d for d in ("imagesTr", "imagesTs") if (root / d).is_dir()), None)
     if images_dir is not None:
         labels_dir = root / ("labelsTr" if images_dir.name == "imagesTr" else "labelsTs")
-        for f in sorted(images_dir.iterdir()):
-            stem = strip_image_suffix(f.name)
-            if _is_hidden(f) or stem is None or (stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000"):
-                continue  # hidden, not an image, or a second channel (<case>_0001)
+        names = {f.name for f in images_dir.iterdir()}
+        for name in sorted(names):
+            stem = strip_image_suffix(name)
+            if name.startswith((".", "_")) or stem is None or (_is_channel(stem) and stem[-4:] != "0000"):
+                continue  # hidden (the MSD archive's ._ files), not an image, or a later channel (<case>_0001)
             case_id = stem[:-5] if stem.endswith("_0000") else stem
             label = next((labels_dir / f"{case_id}{s}" for s in IMAGE_SUFFIXES
                           if (labels_dir / f"{case_id}{s}").is_file()), None)
-            cases.append(Case(case_id, f, label))
+            more = []
+            while stem.endswith("_0000") and f"{case_id}_{len(more) + 1:04d}{name[len(stem):]}" in names:
+                more.append(images_dir / f"{case_id}_{len(more) + 1:04d}{name[len(stem):]}")
+            cases.append(Case(case_id, images_dir / name, label, tuple(more)))
+        _check_channel_files(cases, names, images_dir)
     else:
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
             if (d / "lgemri.nrrd").is_file():
@@ -319,9 +431,41 @@ def read_mask(array: np.ndarray, path, what: str = "label") -> np.ndarray:
         raise UserError(str(e)) from None
 
 
-def load_label(path, image_shape, image_props: dict) -> np.ndarray:
-    """Read a label, check it against its image, and return it as uint8 {0, 1}
-    (the LASC convention 0/255 is read as 0/1)."""
+def label_values(label: np.ndarray, path) -> list[int]:
+    """The values a label map holds, each checked to be a whole number in 0..255."""
+    a = np.asarray(label)
+    if a.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(a.ravel(), minlength=256)).tolist()  # no sort: a count suffices
+    if a.dtype.kind not in "uif" or (a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a)))):
+        raise UserError(f"{path}: label holds values that are not whole numbers; expected class values 0..255")
+    values = np.unique(a)
+    if values[0] < 0 or values[-1] > lbl.MAX_VALUE:
+        raise UserError(f"{path}: label values {', '.join(str(v) for v in values[:8].tolist())} lie outside 0..255")
+    return [int(v) for v in values]
+
+
+def class_indices(label: np.ndarray, path, labels: Labels | None) -> np.ndarray:
+    """uint8 class indices 0..K of a label map read from `path`. Binary classes (None, or the one
+    value 1) read a mask as today (0/1, or 0/255 as LASC stores it); otherwise every value must
+    be declared, or the error names the file and the undeclared values."""
+    if labels is None or labels.values == (1,):
+        return read_mask(label, path)
+    present = label_values(label, path)
+    undeclared = [v for v in present if v != 0 and v not in labels.values]
+    if undeclared:
+        raise UserError(f"{path}: label values {', '.join(map(str, undeclared))} are not among the classes "
+                        f"{', '.join(map(str, labels.values))}; fix the label or declare them in dataset.json")
+    return labels.to_indices(label.astype(np.uint8, copy=False))
+
+
+def load_label(path, image_shape, image_props: dict, labels: Labels | None = None) -> np.ndarray:
+    """Read a label, check it against its image, and return its class indices uint8 0..K
+    (`class_indices`: one class is {0, 1}, the LASC convention 0/255 read as 0/1)."""
+    return class_indices(read_label(path, image_shape, image_props), path, labels)
+
+
+def read_label(path, image_shape, image_props: dict) -> np.ndarray:
+    """A label map as stored, checked to lie on its image's grid."""
     label, props = read_image(path)
     if label.shape != tuple(image_shape):
         raise UserError(f"{path}: label shape {label.shape} differs from its image's {tuple(image_shape)}; "
@@ -329,7 +473,7 @@ def load_label(path, image_shape, image_props: dict) -> np.ndarray:
     if not same_geometry(props, image_props):
         raise UserError(f"{path}: label geometry (spacing/origin/direction) differs from its image's; "
                         "resample the label onto the image grid")
-    return read_mask(label, path)
+    return label
 
 
 def load_case(case: Case, *, with_label: bool = True):
@@ -349,6 +493,91 @@ def load_training_case(case: Case, spacing) -> tuple[np.ndarray, float, np.ndarr
         label, _ = resample(label, props, spacing, label=True)
     image, pad_value = zscore(image)
     return image, pad_value, label
+
+
+# ----------------------------------------------------------------------------- scans of C channels
+
+NORMALIZATIONS = ("whole", "nonzero")  # z-score over the whole scan, or over its non-zero voxels
+
+
+def normalization_rules(choice: str, channels: int, names=None) -> tuple[str, ...]:
+    """The z-score rule of each channel: `choice` for every channel, or for "auto" "nonzero"
+    for a channel that dataset.json names as an MRI sequence (any name but CT: brain MRI is
+    skull-stripped to a zero background) and "whole" for CT and for undeclared channels."""
+    if choice != "auto":
+        assert choice in NORMALIZATIONS, f"normalisation {choice!r}"
+        return (choice,) * channels
+    if names is None:
+        return ("whole",) * channels
+    return tuple("whole" if name.strip().upper() == "CT" else "nonzero" for name in names)
+
+
+def read_case_info(case: Case) -> tuple[tuple[int, int, int], dict, int]:
+    """`(shape (D, H, W), props, channels)` of a case's image from the headers alone."""
+    shape, props, channels = read_channels_info(case.image)
+    return shape, props, channels + len(case.more)
+
+
+def read_case_image(case: Case) -> tuple[np.ndarray, dict]:
+    """`(image float32 (C, D, H, W), props)` of a case: its 4D file, its 3D file (C = 1), or its
+    channel files stacked, which must share one grid; checked for NaN and inf."""
+    image, props = read_image_channels(case.image)
+    if case.more:
+        out = np.empty((len(case.files), *image.shape[1:]), np.float32)
+        out[0] = check_image(image[0], case.image)
+        for k, path in enumerate(case.more, 1):
+            channel, channel_props = read_image(path)
+            if channel.shape != out.shape[1:] or not same_geometry(channel_props, props):
+                raise UserError(f"{path}: channel {k} has shape {channel.shape} and spacing "
+                                f"{channel_props['spacing']}, channel 0 ({case.image.name}) {out.shape[1:]} and "
+                                f"{props['spacing']}; "
+                                "the channels must share one grid (resample them onto channel 0's)")
+            out[k] = check_image(channel, path)
+        return out, props
+    return check_image(image, case.image), props
+
+
+def normalise(image: np.ndarray, rules) -> np.ndarray:
+    """z-score each channel of `image (C, D, H, W)` float32 in place by its rule: "whole" over
+    the whole scan (as `zscore`), "nonzero" over its non-zero voxels (an MRI's skull-stripped
+    brain), the zero background staying 0. Returns the value per channel (C,) that a raw 0
+    becomes, with which anything beyond the scan is padded."""
+    assert image.ndim == 4 and len(rules) == image.shape[0], f"{image.shape} vs rules {rules}"
+    pads = np.zeros(len(rules), np.float32)
+    for c, rule in enumerate(rules):
+        channel = image[c]
+        inside = channel != 0 if rule == "nonzero" else None
+        if inside is not None and np.count_nonzero(inside) > 1:
+            values = channel[inside]
+            mean, std = float(values.mean()), float(values.std())
+            channel[inside] = (values - mean) / (std if std > 1e-6 else 1.0)
+            continue  # the background stays 0, and so pads with 0
+        assert rule in NORMALIZATIONS, f"normalisation {rule!r}"
+        mean, std = float(channel.mean()), float(channel.std())
+        std = std if std > 1e-6 else 1.0
+        channel -= mean
+        channel /= std
+        pads[c] = -mean / std
+    return pads
+
+
+def resample_channels(image: np.ndarray, props: dict, spacing) -> np.ndarray:
+    """Each channel of `image (C, D, H, W)` resampled (linearly) to `spacing`."""
+    return np.stack([resample(channel, props, spacing, label=False)[0] for channel in image])
+
+
+def load_volume(case: Case, spacing, labels: Labels | None, rules) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`(normalised image (C, D, H, W), pad value per channel (C,), class indices or None)` of a
+    case at `spacing` (resampled when its own differs: linear, labels nearest)."""
+    image, props = read_case_image(case)
+    if len(rules) != image.shape[0]:
+        raise UserError(f"{case.image}: has {image.shape[0]} channel(s), expected {len(rules)} "
+                        "(as the data set's other scans, or the checkpoint)")
+    label = load_label(case.label, image.shape[1:], props, labels) if case.label is not None else None
+    if not same_spacing(props["spacing"], spacing):
+        image = resample_channels(image, props, spacing)
+        label = None if label is None else resample(label, props, spacing, label=True)[0]
+    return image, normalise(image, rules), label
 
 
 # ----------------------------------------------------------------------------- masks
@@ -509,14 +738,19 @@ def crop_start(centre, size, shape) -> tuple[int, int, int]:
     return tuple(start)
 
 
-def crop(array: np.ndarray, start, size, fill: float = 0.0) -> np.ndarray:
-    """`array[start:start+size]` per axis, reading `fill` outside the volume."""
-    out = np.full(tuple(size), fill, dtype=array.dtype)
-    src = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, size, array.shape))
+def crop(array: np.ndarray, start, size, fill=0.0) -> np.ndarray:
+    """`array[start:start+size]` per spatial axis, reading `fill` outside the volume. An array
+    with a leading channel axis (C, D, H, W) is cropped alike in every channel, `fill` then one
+    number or one per channel."""
+    lead = array.shape[:array.ndim - len(size)]
+    out = np.empty((*lead, *size), dtype=array.dtype)
+    out[...] = np.asarray(fill, dtype=array.dtype).reshape(-1, *[1] * len(size)) if lead else fill
+    spatial = array.shape[len(lead):]
+    src = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, size, spatial))
     if any(sl.stop <= sl.start for sl in src):
         return out  # the window lies wholly outside the volume
     dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
-    out[dst] = array[src]
+    out[(..., *dst)] = array[(..., *src)]
     return out
 
 

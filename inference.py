@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import dataset as ds
+from labels import Labels
 from models import build_model
 from utils import UserError
 
@@ -172,24 +173,31 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return [round(i * (size - window) / (n - 1)) for i in range(n)]
 
 
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "softmax": lambda logits: torch.softmax(logits, dim=1)}
+
+
 @torch.no_grad()
 def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, device: torch.device,
-                   overlap: float = 0.5, batch_size: int = 4, pad_value=0.0, activation=None) -> np.ndarray:
+                   overlap: float = 0.5, batch_size: int = 4, pad_value=0.0, activation=None,
+                   tta: bool = False) -> np.ndarray:
     """The models' outputs over a whole (C, D, H, W) volume, float32 (K, D, H, W): windows of
     `window` voxels overlapping by `overlap`, `batch_size` windows per forward pass, each
     window's output weighted by `gaussian_weights` and the weighted sum divided by the summed
     weights, the mean over `models`. `activation` (e.g. torch.sigmoid) is applied to each window's
-    output before it is averaged; without one the logits are. An axis shorter than its window
-    is padded at its end with `pad_value` (a number, or one per channel) and cut back after.
-    One accumulator of K channels and one weight volume are held beside the input."""
+    output before it is averaged; without one the logits are. `tta`: each window's output is
+    the mean over it and its W-mirror (mirrored back). An axis shorter than its window is padded
+    at its end with `pad_value` (a number, or one per channel) and cut back after.
+    One accumulator of K channels and one weight volume are held beside the input (no copy of
+    it unless it needs padding)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap {overlap}: must lie in [0, 1)")
     channels, shape = volume.shape[0], volume.shape[1:]
     padded_shape = tuple(max(n, w) for n, w in zip(shape, window))
-    pad = np.broadcast_to(np.asarray(pad_value, np.float32).reshape(-1, 1, 1, 1), (channels, 1, 1, 1))
-    x = np.empty((channels, *padded_shape), np.float32)
-    x[...] = pad
-    x[(slice(None), *(slice(0, n) for n in shape))] = volume
+    x = volume
+    if padded_shape != tuple(shape):
+        x = np.empty((channels, *padded_shape), np.float32)
+        x[...] = np.asarray(pad_value, np.float32).reshape(-1, 1, 1, 1)
+        x[(slice(None), *(slice(0, n) for n in shape))] = volume
     weights = torch.from_numpy(gaussian_weights(window)).to(device)
     starts = [(z, y, xx) for z in window_starts(padded_shape[0], window[0], overlap)
               for y in window_starts(padded_shape[1], window[1], overlap)
@@ -198,11 +206,14 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
     with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
         for i in range(0, len(starts), batch_size):
             boxes = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in starts[i:i + batch_size]]
-            batch = torch.from_numpy(np.stack([x[(slice(None), *box)] for box in boxes]))
+            batch = torch.from_numpy(np.stack([x[(slice(None), *box)] for box in boxes]).astype(np.float32, copy=False))
             batch = batch.to(device, memory_format=memory_format(device))
             for model in models:
                 out = model(batch).float()
                 out = activation(out) if activation is not None else out
+                if tta:
+                    mirrored = model(batch.flip(-1)).float()
+                    out = 0.5 * (out + (activation(mirrored) if activation is not None else mirrored).flip(-1))
                 if total is None:
                     total = torch.zeros((out.shape[1], *padded_shape), device=device)
                 for j, box in enumerate(boxes):
@@ -309,6 +320,84 @@ def predict_two_stage(pipe: TwoStage, image: np.ndarray, props: dict) -> tuple[n
     if resampled:
         prob = ds.resample_onto(prob, work_props, image.shape, props, label=False)
     return prob, location
+
+
+# ----------------------------------------------------------------------------- the patch strategy
+
+@dataclass
+class Patches:
+    """Trained networks of the patch strategy (one, or the models of several folds) with what
+    their checkpoints record: the window (patch) size, spacing, channels and their z-score
+    rules, and the classes."""
+    models: list[torch.nn.Module]
+    patch_size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    channels: tuple[str, ...]
+    normalization: tuple[str, ...]
+    labels: Labels
+    device: torch.device
+    overlap: float = 0.5
+    batch_size: int = 4
+    tta: bool = False
+
+
+def strategy_of(ckpt: dict) -> str:
+    return ckpt["config"].get("strategy", "two_stage")
+
+
+def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool = False, overlap: float | None = None,
+                 batch_size: int = 4, flag: str = "--segmenter_path") -> Patches:
+    """The patch strategy's models of checkpoints that agree on their input and classes."""
+    _agree(ckpts, flag, "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
+    _agree(ckpts, flag, "input channels and classes", _channels)
+    _agree(ckpts, flag, "patch sizes", lambda c: list(c["patch_size"]))
+    _agree(ckpts, flag, "channels and normalisation", lambda c: (c["channels"], c["normalization"]))
+    _agree(ckpts, flag, "classes", lambda c: c["labels"])
+    config = ckpts[0][1]["config"]
+    overlap = config.get("overlap", 0.5) if overlap is None else overlap
+    return Patches([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]), tuple(config["spacing"]),
+                   tuple(config["channels"]), tuple(config["normalization"]), Labels.from_record(config["labels"]),
+                   device, overlap, batch_size, tta)
+
+
+def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
+                  average: str = "probabilities", flags=("--locator_path", "--segmenter_path"),
+                  overlap: float | None = None, batch_size: int = 4) -> TwoStage | Patches:
+    """The strategy the segmenter checkpoints record, with its models: the patch strategy
+    needs no locator (giving one is an error), the two-stage one both."""
+    ckpts = [(p, load_checkpoint(p, "segmenter", flags[1])) for p in _as_paths(segmenter_paths)]
+    if not ckpts:
+        raise UserError(f"{flags[1]}: no checkpoint given")
+    strategies = {strategy_of(c) for _, c in ckpts}
+    if len(strategies) > 1:
+        raise UserError(f"{flags[1]}: checkpoints of different strategies ({', '.join(sorted(strategies))}); "
+                        "an ensemble takes the checkpoints of one run's folds")
+    if strategies == {"patches"}:
+        if locator_paths:
+            raise UserError(f"{flags[0]}: {ckpts[0][0]} was trained with --strategy patches, which needs no "
+                            f"locator; drop {flags[0]}")
+        return load_patches(ckpts, device, tta, overlap, batch_size, flags[1])
+    return load_two_stage(locator_paths, segmenter_paths, device, tta, average, flags)
+
+
+def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan") -> np.ndarray:
+    """Probabilities (out_channels, D, H, W) float32 on the grid of `image (C, D, H, W)`: the
+    scan resampled to the models' spacing when its own differs, z-scored per channel as in
+    training, a Gaussian-weighted sliding window over all of it, and the probabilities
+    resampled back (linear). Beside the image's C channels, the probabilities and one weight
+    volume are held: (C + out_channels + 1) float32 volumes at the models' spacing."""
+    if image.shape[0] != len(pipe.channels):
+        raise UserError(f"{source}: has {image.shape[0]} channel(s), the model was trained on {len(pipe.channels)} "
+                        f"({', '.join(pipe.channels)}); give scans of the same channels")
+    resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
+    work = ds.resample_channels(image, props, pipe.spacing) if resampled else image
+    pads = ds.normalise(work, pipe.normalization)
+    probs = sliding_window(pipe.models, work, pipe.patch_size, pipe.device, pipe.overlap, pipe.batch_size, pads,
+                           ACTIVATIONS[pipe.labels.activation], pipe.tta)
+    if resampled:
+        work_props = {**props, "spacing": tuple(pipe.spacing)}
+        probs = np.stack([ds.resample_onto(p, work_props, image.shape[1:], props, label=False) for p in probs])
+    return probs
 
 
 def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:

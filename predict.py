@@ -28,7 +28,7 @@ from pathlib import Path
 import dataset as ds
 import inference
 import prediction
-from metrics import METRIC_KEYS, summarise
+from metrics import METRIC_KEYS, STRUCTURE, format_structure_table, summarise
 from prediction import OUTPUT_SUFFIX
 from utils import ArgParser, UserError, run_cli
 
@@ -71,6 +71,9 @@ def parse_args(argv=None):
     m.add_argument("--run", help="cross-validation run folder (train.py --num_folds): predict with the ensemble of "
                                  "its folds' best.pt")
     m.add_argument("--folds", type=int, nargs="+", metavar="K", help="with --run: which folds (default: all)")
+    m.add_argument("--overlap", type=float, help="patch strategy: overlap of neighbouring sliding windows "
+                                                 "(default: the checkpoint's, 0.5)")
+    m.add_argument("--batch_size", type=int, default=4, help="patch strategy: windows per forward pass")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     return p.parse_args(argv)
 
@@ -115,21 +118,27 @@ def report(outcome: prediction.Outcome, out_dir: Path) -> None:
     for f in outcome.flagged:
         print(f"warning: {f}", file=sys.stderr)
     if prediction.write_metrics(outcome.rows, out_dir):
-        print(f"metrics over {len(outcome.rows)} case(s) ({out_dir / 'metrics.csv'}):")
-        for k, (mean, std) in summarise(outcome.rows, METRIC_KEYS).items():
-            print(f"  {k:<12} {mean:.3f} +- {std:.3f}")
+        if STRUCTURE in outcome.rows[0]:  # one row per case and class or region
+            print(f"metrics over {len({r['case_id'] for r in outcome.rows})} case(s) ({out_dir / 'metrics.csv'}):")
+            print(format_structure_table(outcome.rows))
+        else:
+            print(f"metrics over {len(outcome.rows)} case(s) ({out_dir / 'metrics.csv'}):")
+            for k, (mean, std) in summarise(outcome.rows, METRIC_KEYS).items():
+                print(f"  {k:<12} {mean:.3f} +- {std:.3f}")
     if outcome.failed:
         print(f"{len(outcome.failed)} case(s) failed:\n  " + "\n  ".join(outcome.failed), file=sys.stderr)
         sys.exit(1)
 
 
-def model_paths(args) -> tuple[list[Path], list[Path], tuple[str, str]]:
+def model_paths(args) -> tuple[list[Path] | None, list[Path], tuple[str, str]]:
     """The locator and segmenter checkpoints: those given, or best.pt of each of `--folds` of
-    the cross-validation run `--run` (all its folds by default), or the demo run's."""
+    the cross-validation run `--run` (all its folds by default), or the demo run's segmenter.
+    No locator (None) unless given or the run has one: the patch strategy needs none, and the
+    two-stage one then takes the demo run's."""
     if args.run is None:
         if args.folds is not None:
             raise UserError("--folds picks folds of a cross-validation run: give it with --run RUN")
-        return ([Path(p) for p in args.locator_path or ["runs/demo/locator/best.pt"]],
+        return ([Path(p) for p in args.locator_path] if args.locator_path else None,
                 [Path(p) for p in args.segmenter_path or ["runs/demo/segmenter/best.pt"]],
                 ("--locator_path", "--segmenter_path"))
     run = Path(args.run)
@@ -147,7 +156,8 @@ def model_paths(args) -> tuple[list[Path], list[Path], tuple[str, str]]:
     if bad or len(set(folds)) < len(folds):
         raise UserError(f"--folds {' '.join(map(str, folds))}: each fold once, from 0 to {num_folds - 1} "
                         f"({splits_path} holds {num_folds})")
-    return ([run / f"fold_{k}" / "locator" / "best.pt" for k in folds],
+    two_stage = (run / f"fold_{folds[0]}" / "locator").is_dir()  # the patch strategy trains no locator
+    return ([run / f"fold_{k}" / "locator" / "best.pt" for k in folds] if two_stage else None,
             [run / f"fold_{k}" / "segmenter" / "best.pt" for k in folds], ("--run", "--run"))
 
 
@@ -155,10 +165,20 @@ def main(argv=None):
     args = parse_args(argv)
     cases = cases_from_args(args)
     locators, segmenters, flags = model_paths(args)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap {args.overlap}: must lie in [0, 1)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    if locators is None and inference.strategy_of(inference.load_checkpoint(segmenters[0], "segmenter",
+                                                                            flags[1])) == "two_stage":
+        locators = [Path("runs/demo/locator/best.pt")]
     inference.set_cpu_threads()
-    pipe = inference.load_two_stage(locators, segmenters, inference.resolve_device(args.device),
-                                    tta=args.tta, flags=flags)
-    if len(pipe.locators) + len(pipe.segmenters) > 2:
+    pipe = inference.load_pipeline(locators, segmenters, inference.resolve_device(args.device), tta=args.tta,
+                                   flags=flags, overlap=args.overlap, batch_size=args.batch_size)
+    if isinstance(pipe, inference.Patches):
+        if len(pipe.models) > 1:
+            print(f"ensemble of {len(pipe.models)} models")
+    elif len(pipe.locators) + len(pipe.segmenters) > 2:
         print(f"ensemble of {len(pipe.locators)} locator(s) and {len(pipe.segmenters)} segmenter(s)")
     out_dir = Path(args.output).parent if args.output else Path(args.output_dir)
     if args.output and Path(args.output).exists() and not args.overwrite:

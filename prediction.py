@@ -5,6 +5,7 @@ The one loop behind predict.py and the validation predictions of each cross-vali
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,8 @@ from tqdm import tqdm
 import dataset as ds
 import inference
 import plots
-from metrics import compute_metrics
+from labels import Labels
+from metrics import compute_metrics, structure_metrics
 from utils import UserError, write_csv
 
 OUTPUT_SUFFIX = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha"}
@@ -43,12 +45,33 @@ class Outcome:
     failed: list[str] = field(default_factory=list)    # "<case>: <reason>"
 
 
-def output_paths(out_path: Path) -> dict[str, Path]:
-    """The files of one case beside its mask: `<name>_prob<ext>` and `<name>_overlay.png`."""
+def output_paths(out_path: Path, prob_names=()) -> dict[str, Path]:
+    """The files of one case beside its mask: `<name>_prob<ext>` (with several outputs, one
+    `<name>_prob_<output><ext>` per class or region: keys "prob_<output>") and
+    `<name>_overlay.png`."""
     suffix = next((s for s in OUTPUT_SUFFIX.values() if out_path.name.endswith(s)), out_path.suffix)
     base = out_path.name[: len(out_path.name) - len(suffix)] if suffix else out_path.name
-    return {"mask": out_path, "prob": out_path.with_name(f"{base}_prob{suffix}"),
-            "overlay": out_path.with_name(f"{base}_overlay.png")}
+    probs = {f"prob_{n}": out_path.with_name(f"{base}_prob_{n}{suffix}") for n in prob_names} or \
+        {"prob": out_path.with_name(f"{base}_prob{suffix}")}
+    return {"mask": out_path, **probs, "overlay": out_path.with_name(f"{base}_overlay.png")}
+
+
+def prob_names(pipe) -> list[str]:
+    """The names of a pipeline's probability maps, as file-name parts: none for one binary
+    output (`<case>_prob`), else one per class (softmax) or region (sigmoid)."""
+    if not isinstance(pipe, inference.Patches) or pipe.labels.binary:
+        return []
+    outputs = pipe.labels.outputs or list(zip(pipe.labels.names, ((v,) for v in pipe.labels.values)))
+    return [re.sub(r"[^\w-]+", "_", name).strip("_") or f"output{k}" for k, (name, _) in enumerate(outputs)]
+
+
+def case_rows(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Labels | None, spacing) -> list[dict]:
+    """The metrics rows of one case: one row of `compute_metrics` for a binary mask pair (no
+    structure column, as the left atrium has always been scored), else one row per class and
+    region (`structure_metrics` on the label maps of the declared values)."""
+    if labels is None or labels.binary:
+        return [{"case_id": case_id, **compute_metrics(pred > 0, target > 0, spacing=spacing)}]
+    return [{"case_id": case_id, **r} for r in structure_metrics(pred, target, labels.structures, spacing=spacing)]
 
 
 def flag_cells(flags: dict) -> dict:
@@ -66,11 +89,14 @@ def previous_flags(path: Path) -> dict[str, dict]:
         return {}
 
 
-def predict_case(pipe: inference.TwoStage, case: ds.Case, paths: dict, wanted: set, opts: Outputs) -> dict:
+def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, paths: dict, wanted: set,
+                 opts: Outputs) -> dict:
     """Predict one case and write the outputs named in `wanted` ("mask", "prob", "overlay").
-    Returns its metrics row (when it has a label) and, when its mask was written now, the
+    Returns its metrics rows (when it has a label) and, when its mask was written now, the
     locator flags; outputs not wanted are read back from disk when needed (a kept mask still
     gets scored and drawn)."""
+    if isinstance(pipe, inference.Patches):
+        return predict_volume_case(pipe, case, paths, wanted, opts)
     image, props = ds.read_image(case.image)
     image = ds.check_image(image, case.image)
     flags = None
@@ -92,8 +118,44 @@ def predict_case(pipe: inference.TwoStage, case: ds.Case, paths: dict, wanted: s
     label = ds.load_label(case.label, image.shape, props) if case.label is not None else None
     if "overlay" in wanted:
         plots.overlay(paths["overlay"], image, mask, label, props["spacing"], case.case_id)
-    row = None if label is None else {"case_id": case.case_id, **compute_metrics(mask, label, spacing=props["spacing"])}
-    return {"row": row, "flags": flags if "mask" in wanted else None}
+    rows = [] if label is None else case_rows(case.case_id, mask, label, None, props["spacing"])
+    return {"rows": rows, "flags": flags if "mask" in wanted else None}
+
+
+def predict_volume_case(pipe: inference.Patches, case: ds.Case, paths: dict, wanted: set, opts: Outputs) -> dict:
+    """`predict_case` for the patch strategy: a scan of C channels in, a label map of the
+    declared values out (its 3D geometry), one probability map per output when asked; metrics
+    rows per class and region. `opts.largest_component` keeps the largest 26-connected
+    component of the foreground (all classes together)."""
+    image, props = ds.read_case_image(case)
+    labels = pipe.labels
+    if wanted - {"overlay"}:
+        probs = inference.predict_patches(pipe, image, props, case.image)
+        first = 1 if labels.activation == "softmax" else 0  # the background's map is not written
+        for k, key in enumerate(k for k in paths if k.startswith("prob")):
+            if key in wanted:
+                ds.write_image(probs[first + k], props, paths[key])
+        mask = labels.label_map(probs)
+        del probs
+        if opts.largest_component:
+            mask *= ds.largest_component(mask > 0, connectivity=3)
+        if labels.binary:
+            mask *= np.uint8(opts.label_value)
+    if "mask" in wanted:
+        ds.write_image(mask, props, paths["mask"])
+    elif case.label is not None or "overlay" in wanted:
+        kept, kept_props = ds.read_image(paths["mask"])
+        if kept.shape != image.shape[1:] or not ds.same_geometry(kept_props, props):
+            raise UserError(f"{paths['mask']}: an existing mask not on its scan's grid; pass --overwrite to redo it")
+        mask = labels.to_values(ds.class_indices(kept, paths["mask"], labels))
+    label = None
+    if case.label is not None:
+        label = labels.to_values(ds.load_label(case.label, image.shape[1:], props, labels))
+    if "overlay" in wanted:
+        plots.overlay(paths["overlay"], image[0], mask > 0, None if label is None else label > 0, props["spacing"],
+                      case.case_id)
+    rows = [] if label is None else case_rows(case.case_id, mask, label, labels, props["spacing"])
+    return {"rows": rows, "flags": None}
 
 
 def warnings_of(case_id: str, flags: dict) -> list[str]:
@@ -105,17 +167,19 @@ def warnings_of(case_id: str, flags: dict) -> list[str]:
     return out
 
 
-def predict_cases(pipe: inference.TwoStage, cases: list[ds.Case], out_dir: Path, opts: Outputs,
+def predict_cases(pipe: inference.TwoStage | inference.Patches, cases: list[ds.Case], out_dir: Path, opts: Outputs,
                   single_output: Path | None = None) -> Outcome:
     """Predict `cases` into `out_dir` (`<case_id>.<format>`, or `single_output` for one case).
     A case whose outputs all exist is kept unless `opts.overwrite`; a case that fails is
     recorded and the others go on, unless it is the only one (its error is raised)."""
     earlier = previous_flags(out_dir / "metrics.csv")
-    asked = {"mask"} | ({"prob"} if opts.probabilities else set()) | ({"overlay"} if opts.overlays else set())
+    names = prob_names(pipe)
+    asked = {"mask"} | ({"overlay"} if opts.overlays else set())
+    asked |= ({f"prob_{n}" for n in names} or {"prob"}) if opts.probabilities else set()
     outcome = Outcome()
     for case in tqdm(cases, desc="predict", unit="case", disable=not sys.stderr.isatty()):
         out_path = single_output or out_dir / f"{case.case_id}{OUTPUT_SUFFIX[opts.output_format]}"
-        paths = output_paths(out_path)
+        paths = output_paths(out_path, names)
         wanted = {k for k in asked if opts.overwrite or not paths[k].exists()}
         try:
             result = predict_case(pipe, case, paths, wanted, opts)
@@ -127,10 +191,12 @@ def predict_cases(pipe: inference.TwoStage, cases: list[ds.Case], out_dir: Path,
             continue
         outcome.written += "mask" in wanted
         outcome.kept += "mask" not in wanted
+        if isinstance(pipe, inference.Patches):  # no locator, no flags
+            outcome.rows += result["rows"]
+            continue
         flags = result["flags"] or earlier.get(case.case_id, flag_cells({}))  # a kept mask: as its run recorded
         outcome.flagged += warnings_of(case.case_id, flags)
-        if result["row"] is not None:
-            outcome.rows.append({**result["row"], **flags})
+        outcome.rows += [{**row, **flags} for row in result["rows"]]
     return outcome
 
 

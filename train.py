@@ -29,6 +29,7 @@ from pathlib import Path
 
 import dataset as ds
 import inference
+import labels as lbl
 import splits
 import synthetic
 import training
@@ -38,6 +39,7 @@ from models import VNet, count_parameters, describe, model_arch
 from utils import ArgParser, UserError, parse_bool, run_cli, write_json
 
 STAGES = ["locator", "segmenter"]
+STRATEGIES = ("two_stage", "patches")
 DEMO_DATA = "data/phantoms"  # the default --data_dir: phantoms are generated there when it is absent
 
 
@@ -45,8 +47,11 @@ def parse_args(argv=None, defaults: dict | None = None):
     p = ArgParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and run")
     g.add_argument("--data_dir", "--root_dir", dest="data_dir", default=DEMO_DATA,
-                   help="dataset folder (LASC or MSD layout)")
+                   help="dataset folder (LASC, MSD or nnU-Net layout)")
     g.add_argument("--output_dir", default="runs/demo", help="run folder")
+    g.add_argument("--strategy", choices=STRATEGIES, default="two_stage",
+                   help="two_stage: a locator on the downscaled scan, a segmenter on a crop around what it finds; "
+                        "patches: one network on random patches, predicting with a sliding window (no locator)")
     g.add_argument("--stage", choices=("both", "locator", "segmenter"), default="both", help="which stage(s) to train")
     g.add_argument("--locator_path", help="trained locator for --stage segmenter (default: RUN/locator/best.pt)")
     g.add_argument("--split", help="JSON split file to reuse: {\"train\": [...], \"val\": [...]}, or nnU-Net's "
@@ -104,6 +109,21 @@ def parse_args(argv=None, defaults: dict | None = None):
                    help="segmenter input size (default: derived)")
     s.add_argument("--padding", type=int, nargs=3, metavar=("D", "H", "W"), default=(30, 30, 30),
                    help="total margin added to the largest atrium extent to derive the patch size")
+    c = p.add_argument_group("channels and classes; the patch strategy")
+    c.add_argument("--regions", nargs="+", metavar="NAME=V1,V2",
+                   help="train one sigmoid output per region of label values (e.g. whole_tumour=1,2,3 "
+                        "tumour_core=2,3 enhancing=3) instead of a softmax over the classes (default: dataset.json's "
+                        "nnU-Net regions, if any)")
+    c.add_argument("--normalization", choices=("auto", *ds.NORMALIZATIONS), default="auto",
+                   help="z-score of each channel: over the whole scan, or over its non-zero voxels (a skull-stripped "
+                        "MRI's brain); auto: nonzero for channels dataset.json names as MRI, whole for CT and "
+                        "undeclared channels")
+    c.add_argument("--max_background", type=float, default=0.95,
+                   help="patches: a patch with more background than this fraction is redrawn")
+    c.add_argument("--max_tries", type=int, default=1000,
+                   help="patches: draws before a patch is centred on a random foreground voxel instead")
+    c.add_argument("--overlap", type=float, default=0.5,
+                   help="patches: overlap of the sliding window's neighbouring windows (validation and prediction)")
     loc = p.add_argument_group("locator")
     loc.add_argument("--locator_batch_size", type=int, default=5)
     loc.add_argument("--locator_learning_rate", type=float, default=1e-4)
@@ -152,6 +172,20 @@ def check_args(args) -> None:
             raise UserError(f"--{name} {getattr(args, name)}: must lie in [0, 1]")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val_fraction {args.val_fraction}: must lie in [0, 1)")
+    if not 0 < args.max_background <= 1:
+        raise UserError(f"--max_background {args.max_background}: must lie in (0, 1] (0.95: at least 5 % foreground)")
+    if args.max_tries < 1:
+        raise UserError(f"--max_tries {args.max_tries}: must be at least 1")
+    if not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap {args.overlap}: must lie in [0, 1)")
+    if args.regions:
+        try:
+            lbl.parse_regions(args.regions)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if args.strategy == "patches" and (args.stage != "both" or args.locator_path):
+        raise UserError(f"{'--stage ' + args.stage if args.stage != 'both' else '--locator_path'}: "
+                        "--strategy patches trains one network and no locator; drop it")
     if min(args.padding) < 0:
         raise UserError(f"--padding {' '.join(map(str, args.padding))}: must be 0 or more")
     if args.patch_size and any(p <= 0 or p % 16 for p in args.patch_size):
@@ -176,6 +210,14 @@ def stage_settings(args, stage: str) -> training.StageSettings:
             max_epochs=args.locator_max_epochs or args.max_epochs, samples_per_epoch=args.locator_samples_per_epoch,
             loss_criterion=args.locator_loss_criterion, augment=augmenter_from_args(args, voxel_scale=max(factors[1:])),
             scale_factor=tuple(args.scale_factor), **shared)
+    if args.strategy == "patches":
+        return training.PatchSettings(
+            batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
+            max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch,
+            loss_criterion=args.loss_criterion, augment=augmenter_from_args(args),
+            patch_size=tuple(args.patch_size) if args.patch_size else None, max_background=args.max_background,
+            max_tries=args.max_tries, overlap=args.overlap, cache_cases=args.cache_cases,
+            augmentation_grid=args.augmentation_grid, **shared)
     return training.SegmenterSettings(
         batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
         max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch, loss_criterion=args.loss_criterion,
@@ -184,13 +226,20 @@ def stage_settings(args, stage: str) -> training.StageSettings:
         augmentation_grid=args.augmentation_grid, **shared)
 
 
-def stage_model(args, stage: str) -> VNet:
+def stage_model(args, stage: str, in_channels: int = 1, out_channels: int = 1) -> VNet:
     """The locator is the reference's plain V-Net; the model flags shape the segmenter."""
     if stage == "locator":
         return VNet(base_channels=args.base_channels)
-    return VNet(num_layers=args.num_layers, dilation=args.dilation, base_channels=args.base_channels,
-                attention_module=args.attention_module, reduction=args.reduction,
+    return VNet(in_channels, out_channels, num_layers=args.num_layers, dilation=args.dilation,
+                base_channels=args.base_channels, attention_module=args.attention_module, reduction=args.reduction,
                 attention_dilation=args.attention_dilation)
+
+
+def run_stages(args) -> list[str]:
+    """The stages a run trains: both, the one --stage names, or the patch strategy's one network."""
+    if args.strategy == "patches":
+        return ["segmenter"]
+    return list(STAGES) if args.stage == "both" else [args.stage]
 
 
 def resume_settings(argv, run_dir: Path):
@@ -242,7 +291,7 @@ def plan_stages(args, run_dir: Path, stages: list[str], finished_ok: bool = Fals
                             f"({run_dir / stage / 'best.pt'}); choose another --output_dir, pass --resume "
                             f"{args.output_dir} to finish it, or --overwrite")
     locator_path = Path(args.locator_path) if args.locator_path else run_dir / "locator" / "best.pt"
-    if stages and "locator" not in stages:
+    if stages and "locator" not in stages and args.strategy == "two_stage":
         inference.load_checkpoint(locator_path, "locator", "--locator_path")  # fail before reading any data
     return stages, resume, locator_path
 
@@ -298,9 +347,41 @@ def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, 
                                     survey.spacing, patch, locator_ckpt, locator_path, device, resume)
 
 
+def train_patches(args, cases, split: dict, run_dir: Path, device, resume, write_files) -> Path:
+    """The patch strategy: the data's channels and classes (dataset.json, --regions), the data
+    (validated as they are decoded), the run files once the data passed, training."""
+    info = ds.read_dataset_json(args.data_dir)
+    survey = training.survey_volumes(cases, info, lbl.parse_regions(args.regions or []), args.normalization)
+    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
+          f"spacing {survey.spacing} mm")
+    settings = stage_settings(args, "segmenter")
+    settings.activation = survey.labels.activation
+    patch = tuple(settings.patch_size or survey.patch_size())
+    by_id = {c.case_id: c for c in cases}
+    ids = split["train"] + split["val"]
+    data = dict(zip(ids, training.load_volume_cases([by_id[i] for i in ids], survey, settings, patch)))
+    write_files(["segmenter"])
+    model = stage_model(args, "segmenter", len(survey.channels), survey.labels.out_channels)
+    return training.train_patches(model, cases, data, split, survey, settings, patch, run_dir, device, resume)
+
+
+def check_two_stage(args) -> None:
+    """The two-stage strategy trains one channel and one class so far."""
+    info = ds.read_dataset_json(args.data_dir)
+    channels = len(info.channels) if info.channels else 1  # an undeclared 4D image: the survey names its file
+    classes = info.labels.num_classes if info.labels else 1
+    if channels > 1 or classes > 1 or (info.labels and info.labels.regions) or args.regions:
+        raise UserError(f"--strategy two_stage: {args.data_dir} has {channels} channel(s) and {classes} class(es); "
+                        "the two-stage strategy trains one channel and one class, use --strategy patches")
+
+
 def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_files) -> None:
     """Train the planned stages (`plan_stages`) of one run, a single split or one fold."""
     stages, resume, locator_path = plan
+    if args.strategy == "patches":
+        train_patches(args, cases, split, run_dir, device, resume, write_files)
+        return
+    check_two_stage(args)
     survey = training.read_survey(cases, split["train"])
     print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
           f"spacing {survey.spacing} mm")
@@ -373,7 +454,7 @@ def crossval(args, run_dir: Path, cases, folds: list[dict], chosen: list[int], d
         fold_dir, fargs = run_dir / f"fold_{k}", fold_args(args, run_dir, k)
         finished = training.fold_finished(fold_dir) and not args.overwrite
         # An unfinished fold is planned now to refuse one trained part-way without --resume.
-        left = plan_stages(fargs, fold_dir, STAGES, True)[0] if args.resume or not finished else []
+        left = plan_stages(fargs, fold_dir, run_stages(args), True)[0] if args.resume or not finished else []
         if finished and not left:
             print(f"fold {k}: finished ({fold_dir / 'validation' / 'metrics.csv'}); skipped "
                   "(--overwrite retrains it, --resume with more --max_epochs trains it on)")
@@ -390,14 +471,14 @@ def crossval(args, run_dir: Path, cases, folds: list[dict], chosen: list[int], d
         fold_dir, fargs, split = run_dir / f"fold_{k}", fold_args(args, run_dir, k), folds[k]
         print(f"fold {k} of {len(folds)}: {fold_dir}")
         training.seed_everything(args.seed)  # a fold trains the same alone or after others
-        plan = plan_stages(fargs, fold_dir, STAGES, True)
+        plan = plan_stages(fargs, fold_dir, run_stages(args), True)
         if plan[0]:  # else trained to the end already: only its validation is missing
             files = functools.partial(write_files, fargs, fold_dir, split)
             train_stages(fargs, fold_dir, cases, split, device, plan, files)
         if training.is_main():
             rows = training.predict_validation(fold_dir, [c for c in cases if c.case_id in set(split["val"])], device)
-            print(f"fold {k}: validation Dice {sum(r['dice'] for r in rows) / len(rows):.3f} over {len(rows)} "
-                  f"case(s) ({fold_dir / 'validation'})")
+            print(f"fold {k}: validation Dice {sum(r['dice'] for r in rows) / len(rows):.3f} over "
+                  f"{len({r['case_id'] for r in rows})} case(s) ({fold_dir / 'validation'})")
         training.barrier()
     print(f"folds {', '.join(map(str, chosen))} of {run_dir}; report with: python evaluate.py --crossval {run_dir}")
 
@@ -407,7 +488,7 @@ def main(argv=None):
     if args.resume:
         args = resume_settings(argv, Path(args.resume))
     check_args(args)
-    stages = ["locator", "segmenter"] if args.stage == "both" else [args.stage]
+    stages = run_stages(args)
     if args.dry_run:
         for stage in stages:
             model = stage_model(args, stage)

@@ -28,10 +28,20 @@ from tqdm import tqdm
 
 import dataset as ds
 import inference
+import labels as lbl
 import plots
 import prediction
 from augment import Augmenter
-from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, BoundarySchedule, SegmentationLoss, signed_distance_map
+from labels import Labels
+from losses import (
+    BOUNDARY_FLOOR,
+    FOCAL_ALPHA,
+    FOCAL_GAMMA,
+    BoundarySchedule,
+    SegmentationLoss,
+    signed_distance_map,
+    signed_distance_maps,
+)
 from metrics import dice
 from models import VNet, count_parameters, describe, model_arch
 from utils import UserError, atomic_write, write_json
@@ -70,9 +80,11 @@ class StageSettings:
     num_workers: int = 0
     compile: bool = False
     seed: int = 0
+    activation: str = "sigmoid"      # of the model's outputs: losses.SegmentationLoss
 
     def criterion(self) -> SegmentationLoss:
-        return SegmentationLoss(self.loss_criterion, self.focal_alpha, self.focal_gamma, self.squared_dice)
+        return SegmentationLoss(self.loss_criterion, self.focal_alpha, self.focal_gamma, self.squared_dice,
+                                activation=self.activation)
 
     def schedule(self) -> BoundarySchedule | None:
         """The Hybrid loss's Dice weight schedule; no other loss has a weight to schedule."""
@@ -97,6 +109,16 @@ class SegmenterSettings(StageSettings):
     init_from_locator: bool = True        # start from the locator's weights where they fit
     cache_cases: bool | None = None       # None: while under CASE_CACHE_LIMIT
     augmentation_grid: str | None = None  # PNG of augmented crops to write first
+
+
+@dataclass
+class PatchSettings(StageSettings):
+    patch_size: tuple | None = None       # None: the data's median shape (`VolumeSurvey.patch_size`)
+    max_background: float = 0.95          # a patch with more background is redrawn (ds.PatchSampler)
+    max_tries: int = 1000
+    overlap: float = 0.5                  # of the sliding window that validates (and predicts)
+    cache_cases: bool | None = None       # None: while under CASE_CACHE_LIMIT
+    augmentation_grid: str | None = None
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -365,6 +387,179 @@ def start_from_locator(model: VNet, locator_ckpt: dict, wanted: bool) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- the patch strategy
+
+@dataclass(frozen=True)
+class VolumeSurvey:
+    """What the patch strategy needs to know of a data set of C channels and K classes before
+    decoding any image: the training spacing (the median, mm), each case's shape there, the
+    channels' names and z-score rules, and the classes (declared, or found in the labels)."""
+    spacing: tuple[float, float, float]
+    shapes: dict[str, tuple[int, int, int]]
+    channels: tuple[str, ...]
+    normalization: tuple[str, ...]
+    labels: Labels
+
+    def patch_size(self, limit: int = 128) -> tuple[int, int, int]:
+        """The default patch: the median shape rounded up to a multiple of 16, at most `limit`."""
+        median = np.median(list(self.shapes.values()), axis=0)
+        return tuple(int(min(math.ceil(m / 16) * 16, limit)) for m in median)
+
+
+def survey_volumes(cases: list[ds.Case], info: ds.DatasetInfo, regions, normalization: str) -> VolumeSurvey:
+    """Headers (shape, spacing, channels: every case alike, and as dataset.json declares) and
+    labels (on their image's grid, holding declared values only; without a declaration the
+    values found make the classes); `regions` ((name, values) pairs) from --regions."""
+    headers = [ds.read_case_info(c) for c in tqdm(cases, desc="reading headers", unit="case",
+                                                   disable=not sys.stderr.isatty())]
+    channels = info.channels
+    count = len(channels) if channels else headers[0][2]
+    for case, (_, _, n) in zip(cases, headers):
+        if n != count:
+            declared = f"{info.path} declares {count}" if channels else f"{cases[0].case_id} has {count}"
+            raise UserError(f"{case.image}: has {n} channel(s), {declared}; every case needs the same channels")
+    spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props, _ in headers], axis=0))
+    found = set()
+    for case, (shape, props, _) in zip(cases, headers):
+        label = ds.read_label(case.label, shape, props)
+        if info.labels is None:
+            found.update(ds.label_values(label, case.label))
+        else:
+            ds.class_indices(label, case.label, info.labels)
+    labels = info.labels or lbl.from_values(found)
+    if regions:
+        try:
+            labels = labels.with_regions(regions)
+        except ValueError as e:
+            raise UserError(f"--regions: {e}") from None
+    shapes = {c.case_id: ds.resampled_shape(shape, props["spacing"], spacing)
+              for c, (shape, props, _) in zip(cases, headers)}
+    names = channels or tuple(f"channel {k}" for k in range(count))
+    return VolumeSurvey(spacing, shapes, tuple(names), ds.normalization_rules(normalization, count, channels), labels)
+
+
+@dataclass
+class VolumeCase:
+    """One case as the patch strategy trains on it: the normalised image (C, D, H, W), the pad
+    value of each channel (C,), the class indices (D, H, W), and its patch sampler."""
+    image: np.ndarray
+    pads: np.ndarray
+    label: np.ndarray
+    sampler: ds.PatchSampler
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.label.nbytes + self.sampler.table.nbytes + self.sampler.foreground.nbytes
+
+
+def load_volume_case(case: ds.Case, survey: VolumeSurvey, settings: PatchSettings, patch) -> VolumeCase:
+    image, pads, label = ds.load_volume(case, survey.spacing, survey.labels, survey.normalization)
+    return VolumeCase(image, pads, label, ds.PatchSampler(label, patch, settings.max_background, settings.max_tries))
+
+
+def load_volume_cases(cases: list[ds.Case], survey: VolumeSurvey, settings: PatchSettings,
+                      patch) -> list[VolumeCase | None]:
+    """Decode every case once (validating it) and keep it in memory while the kept cases stay
+    under the cache limit (`settings.cache_cases`); past it, a case is read again for each
+    sample, so memory stays flat in the number of cases."""
+    cache = settings.cache_cases is not False
+    limit = math.inf if settings.cache_cases else CASE_CACHE_LIMIT
+    out, kept = [], 0
+    for case in tqdm(cases, desc="patch data", unit="case", disable=not sys.stderr.isatty()):
+        data = load_volume_case(case, survey, settings, patch)
+        kept += data.nbytes
+        if cache and kept > limit:
+            print(f"the cases exceed {limit / 2**30:.1f} GiB: each sample is read from disk instead "
+                  "(--cache_cases True keeps them)")
+            cache = False
+            out = [None] * len(out)
+        out.append(data if cache else None)
+    return out
+
+
+def patch_item(image: np.ndarray, label: np.ndarray, labels: Labels, distance_spacing=None) -> tuple:
+    """Tensors of one training patch: image (C, D, H, W) float32, the target (out_channels, D,
+    H, W) float32 (`Labels.target`) and, with `distance_spacing`, a signed distance map per
+    foreground channel of the target for the boundary losses."""
+    target = labels.target(label)
+    item = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), torch.from_numpy(target))
+    if distance_spacing is not None:
+        foreground = target[1:] if labels.activation == "softmax" else target
+        item += (torch.from_numpy(signed_distance_maps(foreground, distance_spacing)),)
+    return item
+
+
+class PatchSet(torch.utils.data.Dataset):
+    """Random patches with a foreground bias (`ds.PatchSampler`), augmented; a case comes from
+    memory, or from disk when it is not kept. Items as `patch_item`."""
+
+    def __init__(self, cases: list[ds.Case], data: list[VolumeCase | None], survey: VolumeSurvey,
+                 settings: PatchSettings, patch, sampler: EpochSampler, distance_spacing=None):
+        self.cases, self.data, self.survey, self.settings, self.patch = cases, data, survey, settings, tuple(patch)
+        self.sampler, self.distance_spacing = sampler, distance_spacing
+
+    def __len__(self):
+        return self.sampler.samples
+
+    def __getitem__(self, j):
+        i, rng = self.sampler.draw(j)
+        case = self.data[i] or load_volume_case(self.cases[i], self.survey, self.settings, self.patch)
+        start = case.sampler(rng)
+        image = ds.crop(case.image, start, self.patch, case.pads)
+        label = ds.crop(case.label, start, self.patch, 0)
+        image, label = self.settings.augment(image, label, rng)
+        return patch_item(image, label, self.survey.labels, self.distance_spacing)
+
+
+def mean_dice(probs: np.ndarray, label: np.ndarray, labels: Labels) -> float:
+    """Mean Dice over the foreground outputs (classes for softmax, regions for sigmoid) of the
+    network's probabilities (out_channels, D, H, W) against class indices (D, H, W)."""
+    target = labels.target(label)
+    if labels.activation == "softmax":
+        pred = labels.target(np.argmax(probs, axis=0).astype(np.uint8))[1:] > 0
+        target = target[1:]
+    else:
+        pred = probs >= 0.5
+    return float(np.mean([dice(p, t) for p, t in zip(pred, target)]))
+
+
+def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase | None], split,
+                  survey: VolumeSurvey, settings: PatchSettings, patch, run_dir: Path, device, resume=None) -> Path:
+    """Train one network on random patches of whole scans (the patch strategy); validation
+    Dice of whole scans from the sliding window that prediction uses. `data`: the cases of
+    `load_volume_cases` by id (None: read from disk when needed)."""
+    by_id = {c.case_id: c for c in cases}
+    train_ids, val_ids = split["train"], split["val"]
+    print(f"patch size {patch}; {len(survey.channels)} channel(s) ({', '.join(survey.channels)}), normalised "
+          f"{'/'.join(survey.normalization)}; classes {dict(zip(survey.labels.values, survey.labels.names))}"
+          + (f"; regions {dict(survey.labels.regions)}" if survey.labels.regions else ""))
+    train_set = PatchSet([by_id[i] for i in train_ids], [data[i] for i in train_ids], survey, settings, patch,
+                         EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
+                         survey.spacing if settings.criterion().needs_distance_map else None)
+    if settings.augmentation_grid and is_main():
+        train_set.sampler.set_epoch(0)
+        plots.augmentation_grid(settings.augmentation_grid,
+                                [(x[0].numpy(), (y[1:] if survey.labels.activation == "softmax" else y).amax(0))
+                                 for x, y, *_ in (train_set[j] for j in range(min(8, len(train_set))))])
+        print(f"augmented training patches: {settings.augmentation_grid}")
+    activation = inference.ACTIVATIONS[survey.labels.activation]
+
+    def validate(net, rank, size):
+        scores = []
+        for i in val_ids[rank::size]:
+            case = data[i] or load_volume_case(by_id[i], survey, settings, patch)
+            probs = inference.sliding_window([net], case.image, patch, device, settings.overlap, settings.batch_size,
+                                             case.pads, activation)
+            scores.append(mean_dice(probs, case.label, survey.labels))
+        return scores
+
+    config = {"role": "segmenter", "strategy": "patches", "arch": model_arch(model), "patch_size": list(patch),
+              "spacing": list(survey.spacing), "loss": settings.loss_criterion, "channels": list(survey.channels),
+              "normalization": list(survey.normalization), "labels": survey.labels.record(),
+              "overlap": settings.overlap}
+    return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
+
+
 # ----------------------------------------------------------------------------- a fold's validation predictions
 
 VALIDATION = "validation"  # RUN/fold_K/validation: masks and metrics.csv of the fold's validation cases
@@ -379,7 +574,8 @@ def predict_validation(fold_dir: Path, val_cases: list[ds.Case], device) -> list
     """Predict a fold's validation cases with its best locator and segmenter, as predict.py
     does with its defaults, into `fold_dir/validation` (masks with each scan's geometry, and
     metrics.csv written last); returns the metrics rows."""
-    pipe = inference.load_two_stage(fold_dir / "locator" / "best.pt", fold_dir / "segmenter" / "best.pt", device)
+    locator = fold_dir / "locator" / "best.pt"
+    pipe = inference.load_pipeline(locator if locator.exists() else None, fold_dir / "segmenter" / "best.pt", device)
     out_dir = fold_dir / VALIDATION
     (out_dir / "metrics.csv").unlink(missing_ok=True)  # the fold is unfinished until it is written again
     outcome = prediction.predict_cases(pipe, val_cases, out_dir, prediction.Outputs(overwrite=True))

@@ -252,7 +252,7 @@ class DatasetInfo:
 
 
 def _channel_names(table, path: Path, key: str) -> tuple[str, ...]:
-    if not isinstance(table, dict) or not table or sorted(table, key=str) != [str(i) for i in range(len(table))] \
+    if not isinstance(table, dict) or not table or set(table) != {str(i) for i in range(len(table))} \
             or not all(isinstance(v, str) for v in table.values()):
         raise UserError(f"{path}: \"{key}\" must map \"0\", \"1\", ... to channel names, got {json.dumps(table)[:80]}")
     return tuple(table[str(i)] for i in range(len(table)))
@@ -278,8 +278,8 @@ def _labels_of(table, order, path: Path) -> Labels:
     entries = []
     for name, v in table.items():
         vs = v if isinstance(v, list) else [v]
-        if not vs or not all(_is_value(x) for x in vs):
-            raise UserError(bad)
+        if not vs or not all(_is_value(x) for x in vs) or (0 in vs and len(vs) > 1):
+            raise UserError(bad + "; a region cannot hold the background 0")
         if vs != [0]:
             entries.append((name, tuple(sorted(set(vs))), isinstance(v, list)))
     if not entries:
@@ -528,10 +528,13 @@ def read_case_image(case: Case) -> tuple[np.ndarray, dict]:
         for k, path in enumerate(case.more, 1):
             channel, channel_props = read_image(path)
             if channel.shape != out.shape[1:] or not same_geometry(channel_props, props):
-                raise UserError(f"{path}: channel {k} has shape {channel.shape} and spacing "
-                                f"{channel_props['spacing']}, channel 0 ({case.image.name}) {out.shape[1:]} and "
-                                f"{props['spacing']}; "
-                                "the channels must share one grid (resample them onto channel 0's)")
+                differ = (f"has shape {channel.shape} and spacing {channel_props['spacing']}, channel 0 "
+                          f"({case.image.name}) {out.shape[1:]} and {props['spacing']}"
+                          if channel.shape != out.shape[1:] or not same_spacing(channel_props["spacing"],
+                                                                              props["spacing"])
+                          else f"has another origin or direction than channel 0 ({case.image.name})")
+                raise UserError(f"{path}: channel {k} {differ}; the channels must share one grid "
+                                "(resample them onto channel 0's)")
             out[k] = check_image(channel, path)
         return out, props
     return check_image(image, case.image), props

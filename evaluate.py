@@ -31,8 +31,20 @@ from pathlib import Path
 import numpy as np
 
 import dataset as ds
+import labels as lbl
 import plots
-from metrics import EMPTY_MASK_RULE, METRIC_KEYS, compute_metrics, describe_cases, format_summary_table, format_table
+from labels import Labels
+from metrics import (
+    EMPTY_MASK_RULE,
+    METRIC_KEYS,
+    STRUCTURE,
+    describe_cases,
+    describe_structures,
+    format_structure_table,
+    format_summary_table,
+    format_table,
+)
+from prediction import case_rows
 from utils import ArgParser, UserError, run_cli, write_csv, write_json
 
 
@@ -56,10 +68,11 @@ def check_output(path: Path, flag: str, overwrite: bool) -> None:
                         "or pass --overwrite to replace it")
 
 
-def score(case: ds.Case, prediction: Path | None) -> dict:
-    """The metrics row of one labelled case; a missing prediction scores as an empty mask."""
+def score(case: ds.Case, prediction: Path | None, labels: Labels | None = None, regions=()) -> list[dict]:
+    """The metrics rows of one labelled case (`prediction.case_rows`: one row for a binary mask,
+    else one per class and region); a missing prediction scores as an empty mask."""
     label, props = ds.read_image(case.label)
-    label = ds.read_mask(label, case.label)
+    label = ds.class_indices(label, case.label, labels)
     if prediction is None:
         pred = np.zeros_like(label)
     else:
@@ -67,8 +80,23 @@ def score(case: ds.Case, prediction: Path | None) -> dict:
         if pred.shape != label.shape or not ds.same_geometry(pred_props, props):
             raise UserError(f"{prediction}: prediction grid (shape/spacing/origin/direction) differs "
                             f"from its label {case.label}; predict on the original scan")
-        pred = ds.read_mask(pred, prediction, "prediction")
-    return {"case_id": case.case_id, **compute_metrics(pred, label, spacing=props["spacing"])}
+        pred = ds.class_indices(pred, prediction, labels)
+    if labels is not None and not labels.binary or regions:
+        label, pred = labels.to_values(label), labels.to_values(pred)
+    return case_rows(case.case_id, pred, label, labels, props["spacing"], regions)
+
+
+def dataset_labels(data_dir, cases: list[ds.Case]) -> Labels:
+    """The classes that dataset.json declares, or else the values found in the labels (a single
+    value, 1 or 255, is the binary atrium)."""
+    declared = ds.read_dataset_json(data_dir).labels
+    if declared is not None:
+        return declared
+    found = set()
+    for case in cases:
+        label, _ = ds.read_image(case.label)
+        found.update(ds.label_values(label, case.label))
+    return lbl.from_values(found)
 
 
 def fold_rows(run_dir: Path, k: int, val_ids: list[str]) -> tuple[list[dict], str | None]:
@@ -79,8 +107,8 @@ def fold_rows(run_dir: Path, k: int, val_ids: list[str]) -> tuple[list[dict], st
         return [], f"fold {k} is unfinished (no {path})"
     try:
         with open(path, newline="") as f:
-            rows = [{"case_id": r["case_id"], "fold": k, **{m: float(r[m]) for m in METRIC_KEYS}}
-                    for r in csv.DictReader(f)]
+            rows = [{"case_id": r["case_id"], "fold": k, **({STRUCTURE: r[STRUCTURE]} if STRUCTURE in r else {}),
+                     **{m: float(r[m]) for m in METRIC_KEYS}} for r in csv.DictReader(f)]
     except (OSError, KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
         return [], f"fold {k}: {path} is not a metrics table of predict.py; retrain the fold"
     wanted = set(val_ids)
@@ -109,15 +137,23 @@ def crossval(run_dir: Path, partial: bool) -> None:
     if not rows:
         raise UserError(f"--crossval {run_dir}: no fold is finished yet")
     done = sorted({r["fold"] for r in rows})
-    per_fold = [(f"fold {k}", describe_cases([r for r in rows if r["fold"] == k])) for k in done]
-    pooled = describe_cases(rows)
-    summary = {"num_folds": len(folds), "folds": {name.split()[1]: d for name, d in per_fold}, "pooled": pooled,
+    if STRUCTURE in rows[0]:  # several classes: each fold and the pool described per class and region
+        folds_of = {str(k): describe_structures([r for r in rows if r["fold"] == k]) for k in done}
+        pooled = describe_structures(rows)
+        table = [(f"fold {k} {name}", d) for k, by in folds_of.items() for name, d in by.items()]
+        table += [(f"pooled {name}", d) for name, d in pooled.items()]
+    else:
+        folds_of = {str(k): describe_cases([r for r in rows if r["fold"] == k]) for k in done}
+        pooled = describe_cases(rows)
+        table = [*((f"fold {k}", d) for k, d in folds_of.items()), ("pooled", pooled)]
+    summary = {"num_folds": len(folds), "folds": folds_of, "pooled": pooled,
                "missing": missing, "empty_mask_rule": EMPTY_MASK_RULE,
                "units": "ratios in [0, 1]; hd, hd95 and assd in mm, between surface voxels"}
     write_csv(run_dir / "crossval.csv", rows)
     write_json(run_dir / "crossval_summary.json", summary)
-    print(format_summary_table([*per_fold, ("pooled", pooled)]))
-    print("pooled median: " + ", ".join(f"{k} {pooled[k]['median']:.3f}" for k in METRIC_KEYS))
+    print(format_summary_table(table))
+    if STRUCTURE not in rows[0]:
+        print("pooled median: " + ", ".join(f"{k} {pooled[k]['median']:.3f}" for k in METRIC_KEYS))
     print(f"empty masks: {EMPTY_MASK_RULE}")
     for why in missing:
         print(f"left out: {why}")
@@ -134,6 +170,9 @@ def main(argv=None):
     p.add_argument("--plot", help="where to write the box plot of Dice and HD95, a .png "
                                   "(default: beside the CSV, <csv name>.png)")
     p.add_argument("--missing_as_empty", action="store_true", help="score a missing prediction as an empty mask")
+    p.add_argument("--regions", nargs="+", metavar="NAME=V1,V2",
+                   help="also score these regions of label values (e.g. whole_tumour=1,2,3 tumour_core=2,3 "
+                        "enhancing=3) beside each class")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files at --csv/--plot that evaluate.py did not write")
     args = p.parse_args(argv)
@@ -164,8 +203,18 @@ def main(argv=None):
     if missing and not args.missing_as_empty:
         raise UserError(f"--pred_dir {pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing[:10])}"
                         f"{' ...' if len(missing) > 10 else ''}; predict them or pass --missing_as_empty")
-    rows = [score(case, preds[case.case_id]) for case in cases]
-    print(format_table(rows))
+    labels = dataset_labels(args.data_dir, cases)
+    try:
+        regions = tuple(lbl.parse_regions(args.regions or []))
+        lbl.scored_structures(labels, regions)
+    except ValueError as e:
+        raise UserError(f"--regions: {e}") from None
+    rows = [r for case in cases for r in score(case, preds[case.case_id], labels, regions)]
+    if STRUCTURE in rows[0]:
+        print(format_table([{**r, "case_id": f"{r['case_id']} {r[STRUCTURE]}"} for r in rows]))
+        print(format_structure_table(rows))
+    else:
+        print(format_table(rows))
     if missing:
         print(f"scored as empty (no prediction): {', '.join(missing)}")
     write_csv(csv_path, rows)

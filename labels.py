@@ -172,3 +172,21 @@ def parse_regions(texts, flag: str = "--regions") -> list[tuple[str, tuple[int, 
     if len(set(names)) != len(names):
         raise ValueError(f"{flag}: region names must differ, got {' '.join(names)}")
     return out
+
+
+def scored_structures(labels: Labels, regions=()) -> list[tuple[str, tuple[int, ...]]]:
+    """What an evaluation scores: `labels.structures` and the extra `regions` ((name, values)
+    pairs, e.g. from --regions) not among them. Raises ValueError naming a region with a value
+    that is not a class, or a name already taken."""
+    out = list(labels.structures)
+    for name, values in regions:
+        unknown = [v for v in values if v not in labels.values]
+        if unknown:
+            raise ValueError(f"region {name} names label value(s) {unknown} that are not classes "
+                             f"({', '.join(map(str, labels.values))})")
+        if (name, tuple(sorted(values))) in out:
+            continue
+        if name in (n for n, _ in out):
+            raise ValueError(f"region {name}: the name of a class or region already scored; choose another")
+        out.append((name, tuple(sorted(values))))
+    return out

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import dataset as ds
 import inference
+import labels as lbl
 import prediction
 from metrics import METRIC_KEYS, STRUCTURE, format_structure_table, summarise
 from prediction import OUTPUT_SUFFIX
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     io.add_argument("--overlays", action="store_true",
                     help="also write <case_id>_overlay.png: axial, coronal and sagittal slices through the atrium "
                          "with the prediction's contour and the label's, if any")
+    io.add_argument("--regions", nargs="+", metavar="NAME=V1,V2",
+                    help="also score these regions of label values (e.g. whole_tumour=1,2,3 tumour_core=2,3 "
+                         "enhancing=3) beside each class, in metrics.csv")
     io.add_argument("--overwrite", action="store_true",
                     help="replace outputs that already exist (otherwise a case whose outputs all exist is skipped, "
                          "and only missing ones are written)")
@@ -175,6 +179,15 @@ def main(argv=None):
     inference.set_cpu_threads()
     pipe = inference.load_pipeline(locators, segmenters, inference.resolve_device(args.device), tta=args.tta,
                                    flags=flags, overlap=args.overlap, batch_size=args.batch_size)
+    regions = ()
+    if args.regions:
+        try:
+            regions = tuple(lbl.parse_regions(args.regions))
+            if not isinstance(pipe, inference.Patches):
+                raise ValueError("scores regions of several classes; the two-stage model segments one class")
+            lbl.scored_structures(pipe.labels, regions)
+        except ValueError as e:
+            raise UserError(f"--regions: {e}") from None
     if isinstance(pipe, inference.Patches):
         if len(pipe.models) > 1:
             print(f"ensemble of {len(pipe.models)} models")
@@ -185,7 +198,7 @@ def main(argv=None):
         raise UserError(f"--output {args.output}: already exists; pass --overwrite to replace it")
     opts = prediction.Outputs(output_format=args.output_format, label_value=args.label_value,
                               largest_component=args.largest_component, probabilities=args.save_probabilities,
-                              overlays=args.overlays, overwrite=args.overwrite)
+                              overlays=args.overlays, overwrite=args.overwrite, regions=regions)
     outcome = prediction.predict_cases(pipe, cases, out_dir, opts, Path(args.output) if args.output else None)
     report(outcome, out_dir)
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import dataset as ds
 import inference
+import labels as lbl
 import plots
 from labels import Labels
 from metrics import compute_metrics, structure_metrics
@@ -33,6 +34,7 @@ class Outputs:
     probabilities: bool = False      # also <case>_prob.<format>
     overlays: bool = False           # also <case>_overlay.png
     overwrite: bool = False          # else a case's existing outputs are kept
+    regions: tuple = ()              # more regions to score, ((name, values), ...)
 
 
 @dataclass
@@ -65,13 +67,16 @@ def prob_names(pipe) -> list[str]:
     return [re.sub(r"[^\w-]+", "_", name).strip("_") or f"output{k}" for k, (name, _) in enumerate(outputs)]
 
 
-def case_rows(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Labels | None, spacing) -> list[dict]:
+def case_rows(case_id: str, pred: np.ndarray, target: np.ndarray, labels: Labels | None, spacing,
+              regions=()) -> list[dict]:
     """The metrics rows of one case: one row of `compute_metrics` for a binary mask pair (no
     structure column, as the left atrium has always been scored), else one row per class and
-    region (`structure_metrics` on the label maps of the declared values)."""
-    if labels is None or labels.binary:
+    region (`structure_metrics` on the label maps of the declared values; `regions`: more
+    regions to score, `labels.scored_structures`)."""
+    if labels is None or (labels.binary and not regions):
         return [{"case_id": case_id, **compute_metrics(pred > 0, target > 0, spacing=spacing)}]
-    return [{"case_id": case_id, **r} for r in structure_metrics(pred, target, labels.structures, spacing=spacing)]
+    structures = lbl.scored_structures(labels, regions)
+    return [{"case_id": case_id, **r} for r in structure_metrics(pred, target, structures, spacing=spacing)]
 
 
 def flag_cells(flags: dict) -> dict:
@@ -140,7 +145,7 @@ def predict_volume_case(pipe: inference.Patches, case: ds.Case, paths: dict, wan
         if opts.largest_component:
             mask *= ds.largest_component(mask > 0, connectivity=3)
         if labels.binary:
-            mask *= np.uint8(opts.label_value)
+            mask = (mask > 0).astype(np.uint8) * np.uint8(opts.label_value)
     if "mask" in wanted:
         ds.write_image(mask, props, paths["mask"])
     elif case.label is not None or "overlay" in wanted:
@@ -154,7 +159,7 @@ def predict_volume_case(pipe: inference.Patches, case: ds.Case, paths: dict, wan
     if "overlay" in wanted:
         plots.overlay(paths["overlay"], image[0], mask > 0, None if label is None else label > 0, props["spacing"],
                       case.case_id)
-    rows = [] if label is None else case_rows(case.case_id, mask, label, labels, props["spacing"])
+    rows = [] if label is None else case_rows(case.case_id, mask, label, labels, props["spacing"], opts.regions)
     return {"rows": rows, "flags": None}
 
 

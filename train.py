@@ -100,7 +100,10 @@ def parse_args(argv=None, defaults: dict | None = None):
     s = p.add_argument_group("segmenter")
     s.add_argument("--batch_size", type=int, default=3)
     s.add_argument("--learning_rate", type=float, default=3e-4)
-    s.add_argument("--loss_criterion", choices=LOSS_NAMES, default="Dice")
+    s.add_argument("--loss_criterion", choices=LOSS_NAMES,
+                   help="default: Dice for the two-stage segmenter (the reference's); DiceCE for the patch strategy, "
+                        "whose patches often lack a class: a Dice term alone saturates on such a patch once the class "
+                        "is predicted in it, and the cross-entropy keeps penalising it (nnU-Net's loss)")
     s.add_argument("--patience", type=int, default=7, help="ReduceLROnPlateau patience (epochs)")
     s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
     s.add_argument("--max_epochs", type=int, default=200)
@@ -488,6 +491,8 @@ def main(argv=None):
     if args.resume:
         args = resume_settings(argv, Path(args.resume))
     check_args(args)
+    if args.loss_criterion is None:
+        args.loss_criterion = "DiceCE" if args.strategy == "patches" else "Dice"
     stages = run_stages(args)
     if args.dry_run:
         for stage in stages:

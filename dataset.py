@@ -484,17 +484,6 @@ def load_case(case: Case, *, with_label: bool = True):
     return image, label, props
 
 
-def load_training_case(case: Case, spacing) -> tuple[np.ndarray, float, np.ndarray]:
-    """`(z-scored image, pad value, label)` of a labelled case at the training `spacing`; the
-    pad value is what a raw 0 becomes (see `zscore`)."""
-    image, label, props = load_case(case)
-    if not same_spacing(props["spacing"], spacing):
-        image, _ = resample(image, props, spacing, label=False)
-        label, _ = resample(label, props, spacing, label=True)
-    image, pad_value = zscore(image)
-    return image, pad_value, label
-
-
 # ----------------------------------------------------------------------------- scans of C channels
 
 NORMALIZATIONS = ("whole", "nonzero")  # z-score over the whole scan, or over its non-zero voxels
@@ -645,9 +634,15 @@ def round_up(shape, multiple) -> tuple[int, int, int]:
     return tuple(int(math.ceil(s / m) * m) for s, m in zip(shape, multiple))
 
 
-def pad_symmetric(array: np.ndarray, shape, value: float = 0.0) -> tuple[np.ndarray, tuple[int, int, int]]:
+def pad_symmetric(array: np.ndarray, shape, value=0.0) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Pad `array` to `shape`, half before and half after (the odd voxel after). Returns the
-    padded array and the padding before each axis, which the locator's centres need."""
+    padded array and the padding before each axis, which the locator's centres need. An array
+    (C, D, H, W) is padded alike in every channel, `value` then one number or one per channel."""
+    lead = array.shape[:array.ndim - len(shape)]
+    if lead:
+        out = np.stack([pad_symmetric(channel, shape, v)[0] for channel, v in
+                        zip(array, np.broadcast_to(np.asarray(value, np.float64), lead))])
+        return out, pad_symmetric(array[0], shape)[1] if len(array) else None
     pad_before = tuple((t - s) // 2 for s, t in zip(array.shape, shape))
     assert min(pad_before) >= 0, f"cannot pad {array.shape} to smaller {tuple(shape)}"
     widths = [(b, t - s - b) for b, s, t in zip(pad_before, array.shape, shape)]
@@ -655,10 +650,13 @@ def pad_symmetric(array: np.ndarray, shape, value: float = 0.0) -> tuple[np.ndar
 
 
 def downscale(array: np.ndarray, factors) -> np.ndarray:
-    """Block mean over `factors` (shape must divide): exact area downsampling."""
-    d, h, w = (s // k for s, k in zip(array.shape, factors))
-    assert (d * factors[0], h * factors[1], w * factors[2]) == array.shape, f"{array.shape} vs {factors}"
-    return array.reshape(d, factors[0], h, factors[1], w, factors[2]).mean(axis=(1, 3, 5), dtype=np.float32)
+    """Block mean over `factors` of the last three axes (their shape must divide): exact area
+    downsampling, of each channel of a (C, D, H, W) array alike."""
+    lead, spatial = array.shape[:-3], array.shape[-3:]
+    d, h, w = (s // k for s, k in zip(spatial, factors))
+    assert (d * factors[0], h * factors[1], w * factors[2]) == spatial, f"{array.shape} vs {factors}"
+    blocks = array.reshape(*lead, d, factors[0], h, factors[1], w, factors[2])
+    return blocks.mean(axis=tuple(len(lead) + a for a in (1, 3, 5)), dtype=np.float32)
 
 
 def zscore(image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -669,11 +667,12 @@ def zscore(image: np.ndarray) -> tuple[np.ndarray, float]:
     return ((image - mean) / std).astype(np.float32), -mean / std
 
 
-def locator_input(image: np.ndarray, pad_value: float, factors, shape=None) -> tuple[np.ndarray, tuple]:
-    """The locator's view of a z-scored scan: padded symmetrically to `shape` (default: its
-    own shape rounded up to the pad multiple) with `pad_value`, then block-averaged by
-    `factors`. Returns `(low-resolution (d, h, w) float32, padding before each axis)`."""
-    shape = round_up(image.shape, pad_multiple(factors)) if shape is None else shape
+def locator_input(image: np.ndarray, pad_value, factors, shape=None) -> tuple[np.ndarray, tuple]:
+    """The locator's view of a z-scored scan (D, H, W), or (C, D, H, W) with a pad value per
+    channel: padded symmetrically to `shape` (default: its own shape rounded up to the pad
+    multiple) with `pad_value`, then block-averaged by `factors`. Returns `(low-resolution
+    (d, h, w) or (C, d, h, w) float32, padding before each axis)`."""
+    shape = round_up(image.shape[-3:], pad_multiple(factors)) if shape is None else shape
     padded, pad_before = pad_symmetric(image, shape, pad_value)
     return downscale(padded, factors), pad_before
 
@@ -758,11 +757,13 @@ def crop(array: np.ndarray, start, size, fill=0.0) -> np.ndarray:
 
 
 def paste(patch: np.ndarray, start, shape) -> np.ndarray:
-    """A zero volume of `shape` with `patch` placed at `start` (the inverse of `crop`)."""
-    out = np.zeros(tuple(shape), dtype=patch.dtype)
-    dst = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, patch.shape, shape))
+    """A zero volume of `shape` with `patch` placed at `start` (the inverse of `crop`); a patch
+    (K, d, h, w) gives (K, *shape)."""
+    lead = patch.shape[:patch.ndim - len(shape)]
+    out = np.zeros((*lead, *shape), dtype=patch.dtype)
+    dst = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(start, patch.shape[len(lead):], shape))
     src = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(dst, start))
-    out[dst] = patch[src]
+    out[(..., *dst)] = patch[(..., *src)]
     return out
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import operator
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import dataset as ds
+import labels as lbl
 from labels import Labels
 from models import build_model
 from utils import UserError
@@ -96,54 +97,64 @@ def load_model(ckpt: dict, path, device: torch.device) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- running a model
 
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "softmax": lambda logits: torch.softmax(logits, dim=1)}
 AVERAGES = ("probabilities", "logits")  # what an ensemble (and --tta) averages; see docs/prediction.md
 
 
 @torch.no_grad()
 def ensemble_probabilities(models: list[torch.nn.Module], array: np.ndarray, device: torch.device,
-                           tta: bool = False, average: str = "probabilities") -> np.ndarray:
-    """Foreground probabilities of one (D, H, W) volume, float32 (D, H, W): the mean over
-    `models` of each model's output, one model in memory use at a time beside one accumulator.
+                           tta: bool = False, average: str = "probabilities",
+                           activation: str = "sigmoid") -> np.ndarray:
+    """Probabilities of one volume: (C, D, H, W) in, float32 (K, D, H, W) out (K the models'
+    output channels); a (D, H, W) volume of a one-channel, one-output model gives (D, H, W). The
+    mean over `models` of each model's output, one model in memory use at a time beside one
+    accumulator; `activation` "sigmoid" (per channel) or "softmax" (over the channels).
 
     `tta`: each model's output is the mean over the volume and its W-mirror (mirrored back), the
     one flip training augments with; it costs a second forward pass per model. `average`:
-    "probabilities" averages sigmoids; "logits" averages the logits and takes the sigmoid of the
-    mean (nnU-Net's choice within one prediction). Each model's mean is taken before the
-    models', so that an ensemble of two identical models equals one model exactly.
+    "probabilities" averages the activations; "logits" averages the logits and takes the
+    activation of the mean (nnU-Net's choice within one prediction). Each model's mean is taken
+    before the models', so that an ensemble of two identical models equals one model exactly.
     On a GPU the convolutions run in bf16 (fp16 where bf16 is missing) under autocast.
     """
     if average not in AVERAGES:
         raise ValueError(f"average {average!r}: expected one of {AVERAGES}")
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]  # (1, 1, D, H, W)
-    x = x.to(device, memory_format=memory_format(device))
+    act = ACTIVATIONS[activation]
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    x = (x[None, None] if array.ndim == 3 else x[None]).to(device, memory_format=memory_format(device))  # (1, C, ...)
     total = None
     with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
         for model in models:
             out = model(x).float()
             if tta:
                 out = (out + model(x.flip(-1)).float().flip(-1)) if average == "logits" else \
-                    (torch.sigmoid(out) + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
+                    (act(out) + act(model(x.flip(-1)).float()).flip(-1))
                 out *= 0.5
             elif average == "probabilities":
-                out = torch.sigmoid(out)
+                out = act(out)
             total = out if total is None else total.add_(out)
             del out
     total /= len(models)
     if average == "logits":
-        total = torch.sigmoid(total)
-    return total[0, 0].cpu().numpy()
+        total = act(total)
+    if array.ndim == 3:
+        assert total.shape[1] == 1, f"a (D, H, W) volume needs a one-output model, got {total.shape[1]} outputs"
+        return total[0, 0].cpu().numpy()
+    return total[0].cpu().numpy()
 
 
-def probabilities(model: torch.nn.Module, array: np.ndarray, device: torch.device, tta: bool = False) -> np.ndarray:
-    """Foreground probabilities of one model (see `ensemble_probabilities`)."""
-    return ensemble_probabilities([model], array, device, tta)
+def probabilities(model: torch.nn.Module, array: np.ndarray, device: torch.device, tta: bool = False,
+                  activation: str = "sigmoid") -> np.ndarray:
+    """Probabilities of one model (see `ensemble_probabilities`)."""
+    return ensemble_probabilities([model], array, device, tta, activation=activation)
 
 
 def locate(locator: torch.nn.Module, low: np.ndarray, pad_before, shape, factors, device: torch.device,
            tta: bool = False) -> ds.Location:
     """The atrium's location in a scan of `shape` from the locator's view of it (`low`, padded
     by `pad_before` and downscaled by `factors`: `dataset.locator_input`)."""
-    return ds.locate(probabilities(locator, low, device, tta), factors, pad_before, shape)
+    prob = probabilities(locator, low, device, tta)
+    return ds.locate(prob if prob.ndim == 3 else prob[0], factors, pad_before, shape[-3:])
 
 
 # ----------------------------------------------------------------------------- the sliding window
@@ -171,9 +182,6 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     step = max(1, int(window * (1 - overlap)))
     n = math.ceil((size - window) / step) + 1
     return [round(i * (size - window) / (n - 1)) for i in range(n)]
-
-
-ACTIVATIONS = {"sigmoid": torch.sigmoid, "softmax": lambda logits: torch.softmax(logits, dim=1)}
 
 
 @torch.no_grad()
@@ -214,13 +222,17 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
                 if tta:
                     mirrored = model(batch.flip(-1)).float()
                     out = 0.5 * (out + (activation(mirrored) if activation is not None else mirrored).flip(-1))
+                    del mirrored
                 if total is None:
                     total = torch.zeros((out.shape[1], *padded_shape), device=device)
                 for j, box in enumerate(boxes):
-                    total[(slice(None), *box)] += out[j] * weights
+                    total[(slice(None), *box)].addcmul_(out[j], weights)
+                del out  # before the next forward pass: one batch's outputs at a time
             for box in boxes:
                 norm[box] += weights
-    total /= norm * len(models)
+            del batch
+    norm *= len(models)
+    total /= norm
     return total[(slice(None), *(slice(0, n) for n in shape))].cpu().numpy()
 
 
@@ -238,6 +250,9 @@ class TwoStage:
     device: torch.device
     tta: bool = False                  # average each model over the input and its W-mirror
     average: str = "probabilities"     # what the mirrors and the models average (AVERAGES)
+    channels: tuple[str, ...] = ("channel 0",)
+    normalization: tuple[str, ...] = ("whole",)  # z-score rule per channel (dataset.normalise)
+    labels: Labels = field(default_factory=lbl.binary)  # the segmenter's classes
 
 
 def _as_paths(paths) -> list[Path]:
@@ -279,31 +294,50 @@ def load_two_stage(locator_paths, segmenter_paths, device: torch.device, tta: bo
     if not ds.same_spacing(loc["config"]["spacing"], seg["config"]["spacing"]):
         raise UserError(f"{flags[0]} {loc_path} and {flags[1]} {seg_path} were trained at "
                         "different spacings; use the two checkpoints of one run")
+    if _channels(loc["config"])[0] != _channels(seg["config"])[0]:
+        raise UserError(f"{flags[0]} {loc_path} and {flags[1]} {seg_path} take different input channels; "
+                        "use the two checkpoints of one run")
+    _agree(stages[1], flags[1], "channels and classes", input_record)
+    channels, normalization, labels = input_record(seg["config"])
     return TwoStage([load_model(c, p, device) for p, c in stages[0]], [load_model(c, p, device) for p, c in stages[1]],
                     ds.downscale_factors(loc["config"]["scale_factor"]), tuple(seg["config"]["patch_size"]),
-                    tuple(seg["config"]["spacing"]), device, tta, average)
+                    tuple(seg["config"]["spacing"]), device, tta, average, channels, tuple(normalization),
+                    Labels.from_record(labels))
 
 
-def locate_scan(pipe: TwoStage, image: np.ndarray, pad_value: float) -> ds.Location:
-    """Run the locators on a z-scored scan at training spacing, padded by its own shape. Their
-    probabilities are averaged on the downscaled grid before the crop is placed, so that every
-    segmenter of an ensemble sees the same crop."""
+def input_record(config: dict) -> tuple:
+    """(channel names, z-score rules, classes record) of a checkpoint's config; a checkpoint
+    written before these were recorded is the left atrium's one channel and one class."""
+    channels = config.get("channels", ["channel 0"])
+    return (tuple(channels), tuple(config.get("normalization", ["whole"] * len(channels))),
+            config.get("labels", lbl.binary().record()))
+
+
+def locate_scan(pipe: TwoStage, image: np.ndarray, pad_value) -> ds.Location:
+    """Run the locators on a z-scored scan (D, H, W) or (C, D, H, W) at training spacing, padded
+    by its own shape. Their probabilities are averaged on the downscaled grid before the crop is
+    placed, so that every segmenter of an ensemble sees the same crop."""
     low, pad_before = ds.locator_input(image, pad_value, pipe.factors)
     prob = ensemble_probabilities(pipe.locators, low, pipe.device, pipe.tta, pipe.average)
-    return ds.locate(prob, pipe.factors, pad_before, image.shape)
+    return ds.locate(prob if prob.ndim == 3 else prob[0], pipe.factors, pad_before, image.shape[-3:])
 
 
-def segment_at(pipe: TwoStage, image: np.ndarray, pad_value: float, centre) -> np.ndarray:
-    """The segmenters' mean probabilities of the fixed-size crop at `centre`, pasted into a zero volume."""
-    start = ds.crop_start(centre, pipe.patch_size, image.shape)
+def segment_at(pipe: TwoStage, image: np.ndarray, pad_value, centre) -> np.ndarray:
+    """The segmenters' mean probabilities of the fixed-size crop at `centre`, pasted into a zero
+    volume: (D, H, W) for a (D, H, W) scan, (K, D, H, W) for a (C, D, H, W) one."""
+    shape = image.shape[-3:]
+    start = ds.crop_start(centre, pipe.patch_size, shape)
     crop = ds.crop(image, start, pipe.patch_size, pad_value)
-    prob = ensemble_probabilities(pipe.segmenters, crop, pipe.device, pipe.tta, pipe.average)
-    return ds.paste(prob, start, image.shape)
+    prob = ensemble_probabilities(pipe.segmenters, crop, pipe.device, pipe.tta, pipe.average,
+                                  pipe.labels.activation)
+    return ds.paste(prob, start, shape)
 
 
-def predict_two_stage(pipe: TwoStage, image: np.ndarray, props: dict) -> tuple[np.ndarray, ds.Location]:
-    """Atrium probabilities float32 on the grid of `image (D, H, W)`, and where the locator put
-    the crop (on the grid the models saw).
+def predict_two_stage(pipe: TwoStage, image: np.ndarray, props: dict,
+                      source="scan") -> tuple[np.ndarray, ds.Location]:
+    """Probabilities float32 on the grid of `image`, and where the locator put the crop (on the
+    grid the models saw). A (D, H, W) scan (the atrium's one channel) gives (D, H, W); a
+    (C, D, H, W) scan gives (K, D, H, W), K the segmenter's outputs.
 
     A scan at another spacing than the model's is resampled to it (linear), and the
     probabilities, not a thresholded mask, are resampled back onto the scan's grid (linear)
@@ -311,14 +345,21 @@ def predict_two_stage(pipe: TwoStage, image: np.ndarray, props: dict) -> tuple[n
     probability crosses 0.5, instead of the staircase that nearest-neighbour resampling of a
     mask leaves when the scan is finer than the model's grid.
     """
+    if image.ndim == 3:
+        prob, location = predict_two_stage(pipe, image[None], props, source)
+        return prob[0], location
+    if image.shape[0] != len(pipe.channels):
+        raise UserError(f"{source}: has {image.shape[0]} channel(s), the model was trained on {len(pipe.channels)} "
+                        f"({', '.join(pipe.channels)}); give scans of the same channels")
     resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
-    work, work_props = ds.resample(image, props, pipe.spacing, label=False) if resampled else (image, props)
-    work, pad_value = ds.zscore(work)
+    work = ds.resample_channels(image, props, pipe.spacing) if resampled else image.astype(np.float32, copy=True)
+    pad_value = ds.normalise(work, pipe.normalization)
     location = locate_scan(pipe, work, pad_value)
     prob = segment_at(pipe, work, pad_value, location.centre)
     del work
     if resampled:
-        prob = ds.resample_onto(prob, work_props, image.shape, props, label=False)
+        work_props = {**props, "spacing": tuple(pipe.spacing)}
+        prob = np.stack([ds.resample_onto(p, work_props, image.shape[1:], props, label=False) for p in prob])
     return prob, location
 
 

@@ -183,8 +183,6 @@ def main(argv=None):
     if args.regions:
         try:
             regions = tuple(lbl.parse_regions(args.regions))
-            if not isinstance(pipe, inference.Patches):
-                raise ValueError("scores regions of several classes; the two-stage model segments one class")
             lbl.scored_structures(pipe.labels, regions)
         except ValueError as e:
             raise UserError(f"--regions: {e}") from None

@@ -61,7 +61,7 @@ def output_paths(out_path: Path, prob_names=()) -> dict[str, Path]:
 def prob_names(pipe) -> list[str]:
     """The names of a pipeline's probability maps, as file-name parts: none for one binary
     output (`<case>_prob`), else one per class (softmax) or region (sigmoid)."""
-    if not isinstance(pipe, inference.Patches) or pipe.labels.binary:
+    if pipe.labels.binary:
         return []
     outputs = pipe.labels.outputs or list(zip(pipe.labels.names, ((v,) for v in pipe.labels.values)))
     return [re.sub(r"[^\w-]+", "_", name).strip("_") or f"output{k}" for k, (name, _) in enumerate(outputs)]
@@ -96,46 +96,24 @@ def previous_flags(path: Path) -> dict[str, dict]:
 
 def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, paths: dict, wanted: set,
                  opts: Outputs) -> dict:
-    """Predict one case and write the outputs named in `wanted` ("mask", "prob", "overlay").
-    Returns its metrics rows (when it has a label) and, when its mask was written now, the
-    locator flags; outputs not wanted are read back from disk when needed (a kept mask still
-    gets scored and drawn)."""
-    if isinstance(pipe, inference.Patches):
-        return predict_volume_case(pipe, case, paths, wanted, opts)
-    image, props = ds.read_image(case.image)
-    image = ds.check_image(image, case.image)
-    flags = None
-    if wanted & {"mask", "prob"}:
-        prob, location = inference.predict_two_stage(pipe, image, props)
-        mask = inference.to_mask(prob, opts.largest_component)
-        if "prob" in wanted:
-            ds.write_image(prob, props, paths["prob"])
-        del prob
-        flags = flag_cells({"locator_found": location.found,
-                            "larger_than_patch": location.larger_than(pipe.patch_size)})
-    if "mask" in wanted:
-        ds.write_image(mask * np.uint8(opts.label_value), props, paths["mask"])
-    elif case.label is not None or "overlay" in wanted:
-        kept, kept_props = ds.read_image(paths["mask"])
-        if kept.shape != image.shape or not ds.same_geometry(kept_props, props):
-            raise UserError(f"{paths['mask']}: an existing mask not on its scan's grid; pass --overwrite to redo it")
-        mask = ds.read_mask(kept, paths["mask"], "mask")
-    label = ds.load_label(case.label, image.shape, props) if case.label is not None else None
-    if "overlay" in wanted:
-        plots.overlay(paths["overlay"], image, mask, label, props["spacing"], case.case_id)
-    rows = [] if label is None else case_rows(case.case_id, mask, label, None, props["spacing"])
-    return {"rows": rows, "flags": flags if "mask" in wanted else None}
-
-
-def predict_volume_case(pipe: inference.Patches, case: ds.Case, paths: dict, wanted: set, opts: Outputs) -> dict:
-    """`predict_case` for the patch strategy: a scan of C channels in, a label map of the
-    declared values out (its 3D geometry), one probability map per output when asked; metrics
-    rows per class and region. `opts.largest_component` keeps the largest 26-connected
-    component of the foreground (all classes together)."""
+    """Predict one case (a scan of C channels) and write the outputs named in `wanted` ("mask",
+    "prob" or "prob_<output>", "overlay"): a label map of the declared values (the atrium's
+    mask: `opts.label_value`) with the scan's 3D geometry, a probability map per output.
+    Returns its metrics rows (when it has a label: per class and region for several classes)
+    and, when the two-stage mask was written now, the locator flags; outputs not wanted are read
+    back from disk when needed (a kept mask still gets scored and drawn).
+    `opts.largest_component` keeps the largest 26-connected component of the foreground (all
+    classes together)."""
     image, props = ds.read_case_image(case)
     labels = pipe.labels
+    flags = None
     if wanted - {"overlay"}:
-        probs = inference.predict_patches(pipe, image, props, case.image)
+        if isinstance(pipe, inference.Patches):
+            probs = inference.predict_patches(pipe, image, props, case.image)
+        else:
+            probs, location = inference.predict_two_stage(pipe, image, props, case.image)
+            flags = flag_cells({"locator_found": location.found,
+                                "larger_than_patch": location.larger_than(pipe.patch_size)})
         first = 1 if labels.activation == "softmax" else 0  # the background's map is not written
         for k, key in enumerate(k for k in paths if k.startswith("prob")):
             if key in wanted:
@@ -160,7 +138,7 @@ def predict_volume_case(pipe: inference.Patches, case: ds.Case, paths: dict, wan
         plots.overlay(paths["overlay"], image[0], mask > 0, None if label is None else label > 0, props["spacing"],
                       case.case_id)
     rows = [] if label is None else case_rows(case.case_id, mask, label, labels, props["spacing"], opts.regions)
-    return {"rows": rows, "flags": None}
+    return {"rows": rows, "flags": flags if "mask" in wanted else None}
 
 
 def warnings_of(case_id: str, flags: dict) -> list[str]:

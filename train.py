@@ -99,11 +99,13 @@ def parse_args(argv=None, defaults: dict | None = None):
                    help="V-Net input-stage width of both stages (8: reference; less for CPU demos)")
     s = p.add_argument_group("segmenter")
     s.add_argument("--batch_size", type=int, default=3)
-    s.add_argument("--learning_rate", type=float, default=3e-4)
+    s.add_argument("--learning_rate", type=float,
+                   help="default: 3e-4 for the two-stage segmenter (the reference's); 1e-3 for the patch strategy "
+                        "(docs/multiclass.md measures both)")
     s.add_argument("--loss_criterion", choices=LOSS_NAMES,
-                   help="default: Dice for the two-stage segmenter (the reference's); DiceCE for the patch strategy, "
-                        "whose patches often lack a class: a Dice term alone saturates on such a patch once the class "
-                        "is predicted in it, and the cross-entropy keeps penalising it (nnU-Net's loss)")
+                   help="default: Dice for the two-stage segmenter of one class (the reference's); DiceCE otherwise: a "
+                        "patch or crop that lacks a class saturates a Dice term once the class is predicted in it, "
+                        "and the cross-entropy keeps penalising it (nnU-Net's loss)")
     s.add_argument("--patience", type=int, default=7, help="ReduceLROnPlateau patience (epochs)")
     s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
     s.add_argument("--max_epochs", type=int, default=200)
@@ -230,9 +232,10 @@ def stage_settings(args, stage: str) -> training.StageSettings:
 
 
 def stage_model(args, stage: str, in_channels: int = 1, out_channels: int = 1) -> VNet:
-    """The locator is the reference's plain V-Net; the model flags shape the segmenter."""
+    """The locator is the reference's plain V-Net (one output: the foreground of all classes);
+    the model flags shape the segmenter."""
     if stage == "locator":
-        return VNet(base_channels=args.base_channels)
+        return VNet(in_channels, 1, base_channels=args.base_channels)
     return VNet(in_channels, out_channels, num_layers=args.num_layers, dilation=args.dilation,
                 base_channels=args.base_channels, attention_module=args.attention_module, reduction=args.reduction,
                 attention_dilation=args.attention_dilation)
@@ -315,10 +318,10 @@ def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, de
     """The locator stage: its data (validated as they are decoded), the run files
     (`write_files()`, once the data passed), training."""
     factors = ds.downscale_factors(args.scale_factor)
-    data = training.load_locator_cases(cases, survey.spacing, factors, survey.padded_shape(factors))
+    data = training.load_locator_cases(cases, survey, factors, survey.padded_shape(factors))
     write_files()
-    return training.train_locator(stage_model(args, "locator"), data, split, stage_settings(args, "locator"),
-                                  run_dir, survey, device, resume)
+    return training.train_locator(stage_model(args, "locator", len(survey.channels)), data, split,
+                                  stage_settings(args, "locator"), run_dir, survey, device, resume)
 
 
 def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, device, resume,
@@ -330,6 +333,10 @@ def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, 
     if not ds.same_spacing(locator_ckpt["config"]["spacing"], survey.spacing):
         raise UserError(f"--locator_path {locator_path}: trained at spacing {locator_ckpt['config']['spacing']}, "
                         f"these data at {list(survey.spacing)}; train the locator on the same data")
+    if inference.input_record(locator_ckpt["config"])[0] != survey.channels:
+        raise UserError(f"--locator_path {locator_path}: trained on the channels "
+                        f"{', '.join(inference.input_record(locator_ckpt['config'])[0])}, these data have "
+                        f"{', '.join(survey.channels)}; train the locator on the same data")
     factors = ds.downscale_factors(locator_ckpt["config"]["scale_factor"])
     patch = tuple(args.patch_size) if args.patch_size else survey.patch_size(split["train"], args.padding, factors)
     print(f"segmenter patch size {patch} (volumes padded to {survey.padded_shape(factors)})")
@@ -338,28 +345,27 @@ def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, 
 
         def locate(case_id, image, pad_value):
             low, pad_before = ds.locator_input(image, pad_value, factors)
-            return inference.locate(locator, low, pad_before, image.shape, factors, device)
+            return inference.locate(locator, low, pad_before, image.shape[-3:], factors, device)
     else:
         def locate(case_id, image, pad_value):
             return locations[case_id]
     settings = stage_settings(args, "segmenter")
-    data = training.load_segmenter_cases(cases, survey.spacing, patch, settings, locate)
+    settings.activation = survey.labels.activation
+    data = training.load_segmenter_cases(cases, survey, patch, settings, locate)
     if locations is None:
         write_files()
-    return training.train_segmenter(stage_model(args, "segmenter"), cases, data, split, settings, run_dir,
-                                    survey.spacing, patch, locator_ckpt, locator_path, device, resume)
+    model = stage_model(args, "segmenter", len(survey.channels), survey.labels.out_channels)
+    return training.train_segmenter(model, cases, data, split, settings, run_dir, survey, patch, locator_ckpt,
+                                    locator_path, device, resume)
 
 
 def train_patches(args, cases, split: dict, run_dir: Path, device, resume, write_files) -> Path:
     """The patch strategy: the data's channels and classes (dataset.json, --regions), the data
     (validated as they are decoded), the run files once the data passed, training."""
-    info = ds.read_dataset_json(args.data_dir)
-    survey = training.survey_volumes(cases, info, lbl.parse_regions(args.regions or []), args.normalization)
-    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
-          f"spacing {survey.spacing} mm")
+    survey = read_survey(args, cases, split, need_foreground=False)
     settings = stage_settings(args, "segmenter")
     settings.activation = survey.labels.activation
-    patch = tuple(settings.patch_size or survey.patch_size())
+    patch = tuple(settings.patch_size or survey.default_patch())
     by_id = {c.case_id: c for c in cases}
     ids = split["train"] + split["val"]
     data = dict(zip(ids, training.load_volume_cases([by_id[i] for i in ids], survey, settings, patch)))
@@ -368,14 +374,23 @@ def train_patches(args, cases, split: dict, run_dir: Path, device, resume, write
     return training.train_patches(model, cases, data, split, survey, settings, patch, run_dir, device, resume)
 
 
-def check_two_stage(args) -> None:
-    """The two-stage strategy trains one channel and one class so far."""
-    info = ds.read_dataset_json(args.data_dir)
-    channels = len(info.channels) if info.channels else 1  # an undeclared 4D image: the survey names its file
-    classes = info.labels.num_classes if info.labels else 1
-    if channels > 1 or classes > 1 or (info.labels and info.labels.regions) or args.regions:
-        raise UserError(f"--strategy two_stage: {args.data_dir} has {channels} channel(s) and {classes} class(es); "
-                        "the two-stage strategy trains one channel and one class, use --strategy patches")
+def read_survey(args, cases, split: dict, need_foreground: bool = True) -> training.Survey:
+    """The data set's survey (`training.read_survey`) with dataset.json's declarations and the
+    flags' regions and normalisation, printed in a few lines."""
+    survey = training.read_survey(cases, split["train"], ds.read_dataset_json(args.data_dir),
+                                  lbl.parse_regions(args.regions or []), args.normalization, need_foreground)
+    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
+          f"spacing {survey.spacing} mm")
+    reference = args.strategy == "two_stage" and survey.labels.binary  # the left atrium's recipe
+    if args.loss_criterion is None:
+        args.loss_criterion = "Dice" if reference else "DiceCE"
+    if args.learning_rate is None:
+        args.learning_rate = 3e-4 if args.strategy == "two_stage" else 1e-3
+    if len(survey.channels) > 1 or not survey.labels.binary:
+        print(f"{len(survey.channels)} channel(s) ({', '.join(survey.channels)}), z-scored "
+              f"{'/'.join(survey.normalization)}; classes {dict(zip(survey.labels.values, survey.labels.names))}"
+              + (f"; regions {dict(survey.labels.regions)}" if survey.labels.regions else ""))
+    return survey
 
 
 def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_files) -> None:
@@ -384,10 +399,7 @@ def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_fi
     if args.strategy == "patches":
         train_patches(args, cases, split, run_dir, device, resume, write_files)
         return
-    check_two_stage(args)
-    survey = training.read_survey(cases, split["train"])
-    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
-          f"spacing {survey.spacing} mm")
+    survey = read_survey(args, cases, split)
     locations = None
     if "locator" in stages:
         locator_path, locations = train_locator(args, cases, split, survey, run_dir, device, resume,
@@ -491,8 +503,6 @@ def main(argv=None):
     if args.resume:
         args = resume_settings(argv, Path(args.resume))
     check_args(args)
-    if args.loss_criterion is None:
-        args.loss_criterion = "DiceCE" if args.strategy == "patches" else "Dice"
     stages = run_stages(args)
     if args.dry_run:
         for stage in stages:

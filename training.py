@@ -39,7 +39,6 @@ from losses import (
     FOCAL_GAMMA,
     BoundarySchedule,
     SegmentationLoss,
-    signed_distance_map,
     signed_distance_maps,
 )
 from metrics import dice
@@ -113,7 +112,7 @@ class SegmenterSettings(StageSettings):
 
 @dataclass
 class PatchSettings(StageSettings):
-    patch_size: tuple | None = None       # None: the data's median shape (`VolumeSurvey.patch_size`)
+    patch_size: tuple | None = None       # None: the data's median shape (`Survey.patch_size`)
     max_background: float = 0.95          # a patch with more background is redrawn (ds.PatchSampler)
     max_tries: int = 1000
     overlap: float = 0.5                  # of the sliding window that validates (and predicts)
@@ -126,46 +125,88 @@ class PatchSettings(StageSettings):
 @dataclass(frozen=True)
 class Survey:
     """What the stages need to know of a data set before decoding any image: the training
-    spacing (the median, mm) and, at that spacing, each case's shape and atrium box."""
+    spacing (the median, mm) and, at that spacing, each case's shape and foreground box (all
+    classes together: the atrium, the whole tumour); the channels' names and z-score rules; the
+    classes (declared in dataset.json, or found in the labels)."""
     spacing: tuple[float, float, float]
     shapes: dict[str, tuple[int, int, int]]
     boxes: dict[str, tuple[slice, ...] | None]
+    channels: tuple[str, ...] = ("channel 0",)
+    normalization: tuple[str, ...] = ("whole",)
+    labels: Labels = field(default_factory=lbl.binary)
 
     def padded_shape(self, factors) -> tuple[int, int, int]:
         """The largest shape, rounded up so that the locator's downscaled input divides by 16."""
         return ds.round_up(np.max(list(self.shapes.values()), axis=0), ds.pad_multiple(factors))
 
     def patch_size(self, ids, padding, factors) -> tuple[int, int, int]:
+        """The two-stage segmenter's crop: the largest foreground box of `ids` plus `padding`."""
         extents = [[s.stop - s.start for s in self.boxes[i]] for i in ids]
         return ds.patch_size_for(extents, padding, self.padded_shape(factors))
 
+    def default_patch(self, limit: int = 128) -> tuple[int, int, int]:
+        """The patch strategy's default: the median shape rounded up to a multiple of 16, at most `limit`."""
+        median = np.median(list(self.shapes.values()), axis=0)
+        return tuple(int(min(math.ceil(m / 16) * 16, limit)) for m in median)
 
-def read_survey(cases: list[ds.Case], train_ids) -> Survey:
-    """Image headers (shape, spacing) and labels (checked against their image, then their
-    atrium's box); a training case without an atrium is refused."""
-    headers = [ds.read_image_info(c.image) for c in tqdm(cases, desc="reading headers", unit="case",
-                                                          disable=not sys.stderr.isatty())]
-    spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props in headers], axis=0))
-    shapes, boxes = {}, {}
-    for case, (shape, props) in zip(cases, headers):
-        label = ds.load_label(case.label, shape, props)
+    def input_record(self) -> dict:
+        """What a checkpoint records of its input and classes (`inference.input_record` reads it)."""
+        return {"channels": list(self.channels), "normalization": list(self.normalization),
+                "labels": self.labels.record()}
+
+
+def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = None, regions=(),
+                normalization: str = "auto", need_foreground: bool = True) -> Survey:
+    """Image headers (shape, spacing, channels: every case alike, and as dataset.json declares)
+    and labels (on their image's grid, holding declared values only; without a declaration the
+    values found make the classes), then each label's foreground box; `regions` ((name,
+    values) pairs) from --regions. With `need_foreground`, a training case without foreground
+    is refused (the two-stage strategy's crops are placed on it)."""
+    info = info or ds.DatasetInfo()
+    headers = [ds.read_case_info(c) for c in tqdm(cases, desc="reading headers", unit="case",
+                                                   disable=not sys.stderr.isatty())]
+    counts = [n for _, _, n in headers]
+    count = len(info.channels) if info.channels else max(set(counts), key=counts.count)  # the odd case is named
+    for case, n in zip(cases, counts):
+        if n != count:
+            declared = f"{info.path} declares {count}" if info.channels else f"most cases have {count}"
+            raise UserError(f"{case.image}: has {n} channel(s), {declared}; every case needs the same channels")
+    spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props, _ in headers], axis=0))
+    shapes, boxes, found = {}, {}, set()
+    for case, (shape, props, _) in zip(cases, headers):
+        label = ds.read_label(case.label, shape, props)
+        if info.labels is None:
+            found.update(ds.label_values(label, case.label))
+        else:
+            ds.class_indices(label, case.label, info.labels)
         if not ds.same_spacing(props["spacing"], spacing):
             label, _ = ds.resample(label, props, spacing, label=True)
         shapes[case.case_id], boxes[case.case_id] = label.shape, ds.bounding_box(label)
-        if boxes[case.case_id] is None and case.case_id in train_ids:
+        if need_foreground and boxes[case.case_id] is None and case.case_id in train_ids:
             raise UserError(f"{case.label}: label is empty; every training case needs an atrium "
                             "(or move it to 'val' in the split)")
-    return Survey(spacing, shapes, boxes)
+    labels = info.labels or lbl.from_values(found)
+    if regions:
+        try:
+            labels = labels.with_regions(regions)
+        except ValueError as e:
+            raise UserError(f"--regions: {e}") from None
+    names = info.channels or tuple(f"channel {k}" for k in range(count))
+    return Survey(spacing, shapes, boxes, tuple(names), ds.normalization_rules(normalization, count, info.channels),
+                  labels)
 
 
-def training_item(image: np.ndarray, label: np.ndarray, distance_spacing=None) -> tuple:
-    """Tensors of one training sample: image (1, D, H, W) float32, label (1, D, H, W) {0, 1}
-    float32, and, when `distance_spacing` (mm, array order) is given, the label's signed
-    distance map (1, D, H, W) for the boundary losses, computed here in the data pipeline (a
-    data-loader worker) from the augmented label rather than in the training step."""
-    item = (torch.from_numpy(image[None].copy()), torch.from_numpy(label[None].astype(np.float32)))
+def training_item(image: np.ndarray, label: np.ndarray, labels: Labels, distance_spacing=None) -> tuple:
+    """Tensors of one training sample: image (C, D, H, W) float32, the target (out_channels, D,
+    H, W) float32 of the class indices `label` (`Labels.target`: the atrium's {0, 1} mask as
+    (1, D, H, W)) and, when `distance_spacing` (mm, array order) is given, a signed distance map
+    per foreground channel of the target for the boundary losses, computed here in the data
+    pipeline (a data-loader worker) from the augmented label rather than in the training step."""
+    target = labels.target(label)
+    item = (torch.from_numpy(np.array(image, dtype=np.float32)), torch.from_numpy(target))
     if distance_spacing is not None:
-        item += (torch.from_numpy(signed_distance_map(label, distance_spacing)[None]),)
+        foreground = target[1:] if labels.activation == "softmax" else target
+        item += (torch.from_numpy(signed_distance_maps(foreground, distance_spacing)),)
     return item
 
 
@@ -203,17 +244,18 @@ class LocatorCase:
     shape: tuple[int, int, int]
 
 
-def load_locator_cases(cases: list[ds.Case], spacing, factors, padded_shape) -> dict[str, LocatorCase]:
-    """Decode every case once (validating it) into its low-resolution volumes; they are small
-    (48x160x160 per LASC case) and stay in memory for the whole stage."""
+def load_locator_cases(cases: list[ds.Case], survey: Survey, factors, padded_shape) -> dict[str, LocatorCase]:
+    """Decode every case once (validating it) into its low-resolution volumes (C, d, h, w) and
+    the low-resolution foreground of all classes together; they are small (48x160x160 per LASC
+    case) and stay in memory for the whole stage."""
     out = {}
     for case in tqdm(cases, desc="locator data", unit="case", disable=not sys.stderr.isatty()):
-        image, pad_value, label = ds.load_training_case(case, spacing)
-        low, _ = ds.locator_input(image, pad_value, factors, padded_shape)
-        padded_label, _ = ds.pad_symmetric(label.astype(np.float32), padded_shape)
+        image, pads, label = ds.load_volume(case, survey.spacing, survey.labels, survey.normalization)
+        low, _ = ds.locator_input(image, pads, factors, padded_shape)
+        padded_label, _ = ds.pad_symmetric((label > 0).astype(np.float32), padded_shape)
         low_label = (ds.downscale(padded_label, factors) >= 0.5).astype(np.uint8)
-        own_low, pad_before = ds.locator_input(image, pad_value, factors)
-        out[case.case_id] = LocatorCase(low, low_label, own_low, pad_before, image.shape)
+        own_low, pad_before = ds.locator_input(image, pads, factors)
+        out[case.case_id] = LocatorCase(low, low_label, own_low, pad_before, image.shape[1:])
     return out
 
 
@@ -229,12 +271,12 @@ def train_locator(model: VNet, data: dict[str, LocatorCase], split, settings: Lo
                           settings.augment, low_spacing if settings.criterion().needs_distance_map else None)
 
     def validate(net, rank, size):
-        return [dice(inference.probabilities(net, data[i].low, device) >= 0.5, data[i].low_label)
+        return [dice(inference.probabilities(net, data[i].low, device)[0] >= 0.5, data[i].low_label)
                 for i in val_ids[rank::size]]
 
     config = {"role": "locator", "arch": model_arch(model), "scale_factor": list(settings.scale_factor),
               "spacing": list(survey.spacing), "padded_shape": list(survey.padded_shape(factors)),
-              "loss": settings.loss_criterion}
+              "loss": settings.loss_criterion, **survey.input_record(), "labels": lbl.binary().record()}
     best = fit("locator", model, train_set, validate, settings, run_dir / "locator", config, device, resume)
     locator = inference.load_model(inference.load_checkpoint(best, "locator"), best, device)
     locations = {cid: inference.locate(locator, c.own_low, c.pad_before, c.shape, factors, device)
@@ -249,16 +291,16 @@ def train_locator(model: VNet, data: dict[str, LocatorCase], split, settings: Lo
 @dataclass
 class Region:
     """The part of a case that its crops can cover (the union of their windows inside the
-    volume), z-scored image and label, at `offset` in the case's volume of `shape`; what lies
-    outside it and inside a window is outside the volume and reads `pad_value`.
-    `label_voxels` counts the atrium in the whole volume, for a validation Dice of the whole
-    scan from the region alone."""
+    volume), normalised image (C, d, h, w) and class indices (d, h, w), at `offset` in the
+    case's volume of `shape`; what lies outside it and inside a window is outside the volume
+    and reads `pad_value` (one per channel). `class_voxels` counts each class 0..K in the whole
+    volume, for a validation Dice of the whole scan from the region alone."""
     image: np.ndarray
     label: np.ndarray
     offset: tuple[int, int, int]
     shape: tuple[int, int, int]
-    pad_value: float
-    label_voxels: int
+    pad_value: np.ndarray
+    class_voxels: np.ndarray
 
     @property
     def nbytes(self) -> int:
@@ -268,24 +310,39 @@ class Region:
         """Start of the crop at `centre`, relative to the region."""
         start = ds.crop_start(centre, size, self.shape)
         assert all(max(a, 0) >= o and min(a + s, n) <= o + r for a, s, n, o, r in
-                   zip(start, size, self.shape, self.offset, self.image.shape)), "crop outside its region"
+                   zip(start, size, self.shape, self.offset, self.label.shape)), "crop outside its region"
         return tuple(a - o for a, o in zip(start, self.offset))
 
     def crop(self, centre, size) -> tuple[np.ndarray, np.ndarray]:
         start = self.start(centre, size)
         return ds.crop(self.image, start, size, self.pad_value), ds.crop(self.label, start, size, 0)
 
-    def dice(self, pred_crop: np.ndarray, centre) -> float:
-        """Dice over the whole volume of a crop's mask pasted at `centre` (zero elsewhere)."""
-        pred = ds.paste(pred_crop, self.start(centre, pred_crop.shape), self.image.shape)
-        total = np.count_nonzero(pred) + self.label_voxels
-        return 2 * np.count_nonzero(pred & self.label) / total if total else 1.0
+    def dice(self, pred_crop: np.ndarray, centre, labels: Labels | None = None) -> float:
+        """Dice over the whole volume of a crop's class indices (a mask, for one class) pasted
+        at `centre` (background elsewhere): the mean over the outputs' foreground (each class
+        for softmax, each region for sigmoid; the atrium)."""
+        pred = ds.paste(pred_crop, self.start(centre, pred_crop.shape), self.label.shape)
+        scores = []
+        for classes in output_classes(labels or lbl.binary()):
+            p, t = np.isin(pred, classes), np.isin(self.label, classes)
+            total = np.count_nonzero(p) + int(self.class_voxels[list(classes)].sum())
+            scores.append(2 * np.count_nonzero(p & t) / total if total else 1.0)
+        return float(np.mean(scores))
+
+
+def output_classes(labels: Labels) -> list[tuple[int, ...]]:
+    """The class indices each foreground output of a network holds: each class for softmax;
+    the classes of each region (or the one class) for sigmoid."""
+    if labels.activation == "softmax":
+        return [(k,) for k in range(1, labels.num_classes + 1)]
+    index_of = {v: k + 1 for k, v in enumerate(labels.values)}
+    return [tuple(index_of[v] for v in values) for _, values in labels.outputs]
 
 
 @dataclass
 class SegmenterCase:
     """Where a case's crops go: `location` from the locator (the volume's centre when it found
-    nothing), `gt_centre` the centre of the atrium's box; `region` when it is kept in memory."""
+    nothing), `gt_centre` the centre of the foreground's box; `region` when it is kept in memory."""
     location: ds.Location
     gt_centre: tuple | None
     region: Region | None = None
@@ -294,38 +351,41 @@ class SegmenterCase:
         return [self.location.centre] + ([self.gt_centre] if self.gt_centre is not None else [])
 
 
-def cut_region(image: np.ndarray, pad_value: float, label: np.ndarray, centres, size) -> Region:
-    """The Region of a case covering crops of `size` at each of `centres`."""
-    starts = np.array([ds.crop_start(c, size, image.shape) for c in centres])
+def cut_region(image: np.ndarray, pad_value, label: np.ndarray, centres, size, num_classes: int = 1) -> Region:
+    """The Region of a case (image (C, D, H, W) or (D, H, W), class indices (D, H, W)) covering
+    crops of `size` at each of `centres`."""
+    image = image if image.ndim == 4 else image[None]
+    starts = np.array([ds.crop_start(c, size, label.shape) for c in centres])
     lo = np.maximum(starts.min(axis=0), 0)
-    hi = np.minimum(starts.max(axis=0) + np.asarray(size), image.shape)
+    hi = np.minimum(starts.max(axis=0) + np.asarray(size), label.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    return Region(image[box].copy(), label[box].copy(), tuple(int(a) for a in lo), image.shape, pad_value,
-                  int(np.count_nonzero(label)))
+    counts = np.bincount(label.ravel(), minlength=num_classes + 1)
+    return Region(image[(slice(None), *box)].copy(), label[box].copy(), tuple(int(a) for a in lo), label.shape,
+                  np.broadcast_to(np.asarray(pad_value, np.float32), (len(image),)).copy(), counts)
 
 
-def load_region(case: ds.Case, spacing, seg_case: SegmenterCase, size) -> Region:
+def load_region(case: ds.Case, survey: Survey, seg_case: SegmenterCase, size) -> Region:
     """Decode a case and cut its region (for a case not kept in memory)."""
-    image, pad_value, label = ds.load_training_case(case, spacing)
-    return cut_region(image, pad_value, label, seg_case.centres(), size)
+    image, pads, label = ds.load_volume(case, survey.spacing, survey.labels, survey.normalization)
+    return cut_region(image, pads, label, seg_case.centres(), size, survey.labels.num_classes)
 
 
-def load_segmenter_cases(cases, spacing, patch, settings: SegmenterSettings, locate) -> dict[str, SegmenterCase]:
+def load_segmenter_cases(cases, survey: Survey, patch, settings: SegmenterSettings, locate) -> dict[str, SegmenterCase]:
     """Decode every case once: find its crop's location (`locate(case_id, image, pad_value)`:
-    the locator stage's record, or the locator run now) and the atrium's centre, and keep its
+    the locator stage's record, or the locator run now) and the foreground's centre, and keep its
     region in memory while the regions stay under the cache limit (`settings.cache_cases`)."""
     cache = settings.cache_cases is not False
     limit = math.inf if settings.cache_cases else CASE_CACHE_LIMIT
     out, kept = {}, 0
     for case in tqdm(cases, desc="segmenter data", unit="case", disable=not sys.stderr.isatty()):
-        image, pad_value, label = ds.load_training_case(case, spacing)
+        image, pads, label = ds.load_volume(case, survey.spacing, survey.labels, survey.normalization)
         box = ds.bounding_box(label)
-        seg_case = SegmenterCase(locate(case.case_id, image, pad_value), None if box is None else ds.box_centre(box))
+        seg_case = SegmenterCase(locate(case.case_id, image, pads), None if box is None else ds.box_centre(box))
         if seg_case.location.larger_than(patch):
             print(f"warning: case {case.case_id}: located atrium {seg_case.location.extent} is larger than "
                   f"the patch {patch}")
         if cache:
-            seg_case.region = cut_region(image, pad_value, label, seg_case.centres(), patch)
+            seg_case.region = cut_region(image, pads, label, seg_case.centres(), patch, survey.labels.num_classes)
             kept += seg_case.region.nbytes
             if kept > limit:
                 print(f"the training cases' crop regions exceed {limit / 2**30:.1f} GiB: each sample is read "
@@ -343,34 +403,46 @@ def load_segmenter_cases(cases, spacing, patch, settings: SegmenterSettings, loc
 
 
 def train_segmenter(model: VNet, cases, data: dict[str, SegmenterCase], split, settings: SegmenterSettings,
-                    run_dir: Path, spacing, patch, locator_ckpt: dict, locator_path, device, resume=None) -> Path:
-    """Train the segmenter on crops at the locator's centres and the atria's; validation Dice
-    of whole scans from the crop at the locator's centre, as prediction places it."""
+                    run_dir: Path, survey: Survey, patch, locator_ckpt: dict, locator_path, device,
+                    resume=None) -> Path:
+    """Train the segmenter on crops at the locator's centres and the foreground's; validation
+    Dice of whole scans from the crop at the locator's centre, as prediction places it."""
     by_id = {c.case_id: c for c in cases}
     train_ids, val_ids = split["train"], split["val"]
-    train_set = SegmenterSet([by_id[i] for i in train_ids], [data[i] for i in train_ids], spacing, patch,
+    labels = survey.labels
+    train_set = SegmenterSet([by_id[i] for i in train_ids], [data[i] for i in train_ids], survey, patch,
                              EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
-                             settings.augment, spacing if settings.criterion().needs_distance_map else None)
-    if settings.augmentation_grid and is_main():
-        train_set.sampler.set_epoch(0)
-        plots.augmentation_grid(settings.augmentation_grid, [train_set[j][:2] for j in range(min(8, len(train_set)))])
-        print(f"augmented training crops: {settings.augmentation_grid}")
+                             settings.augment, survey.spacing if settings.criterion().needs_distance_map else None)
+    write_augmentation_grid(settings.augmentation_grid, train_set, labels)
 
     def validate(net, rank, size):
         scores = []
         for i in val_ids[rank::size]:
-            region = data[i].region or load_region(by_id[i], spacing, data[i], patch)
+            region = data[i].region or load_region(by_id[i], survey, data[i], patch)
             crop, _ = region.crop(data[i].location.centre, patch)
-            scores.append(region.dice(inference.probabilities(net, crop, device) >= 0.5, data[i].location.centre))
+            probs = inference.probabilities(net, crop, device, activation=labels.activation)
+            scores.append(region.dice(labels.to_indices(labels.label_map(probs)), data[i].location.centre, labels))
         return scores
 
     if resume is not None:  # the weights come from the checkpoint; keep its record of how they started
         from_locator = bool(resume["config"].get("init_from_locator", False))
     else:
         from_locator = start_from_locator(model, locator_ckpt, settings.init_from_locator)
-    config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch), "spacing": list(spacing),
-              "loss": settings.loss_criterion, "locator_path": str(locator_path), "init_from_locator": from_locator}
+    config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch),
+              "spacing": list(survey.spacing), "loss": settings.loss_criterion, "locator_path": str(locator_path),
+              "init_from_locator": from_locator, **survey.input_record()}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
+
+
+def write_augmentation_grid(path, train_set, labels: Labels) -> None:
+    """A PNG of the first augmented samples of epoch 0 (the first channel, the foreground's contour)."""
+    if not path or not is_main():
+        return
+    train_set.sampler.set_epoch(0)
+    samples = [train_set[j] for j in range(min(8, len(train_set)))]
+    plots.augmentation_grid(path, [(x[0], (y[1:] if labels.activation == "softmax" else y).amax(0))
+                                   for x, y, *_ in samples])
+    print(f"augmented training samples: {path}")
 
 
 def start_from_locator(model: VNet, locator_ckpt: dict, wanted: bool) -> bool:
@@ -389,55 +461,6 @@ def start_from_locator(model: VNet, locator_ckpt: dict, wanted: bool) -> bool:
 
 # ----------------------------------------------------------------------------- the patch strategy
 
-@dataclass(frozen=True)
-class VolumeSurvey:
-    """What the patch strategy needs to know of a data set of C channels and K classes before
-    decoding any image: the training spacing (the median, mm), each case's shape there, the
-    channels' names and z-score rules, and the classes (declared, or found in the labels)."""
-    spacing: tuple[float, float, float]
-    shapes: dict[str, tuple[int, int, int]]
-    channels: tuple[str, ...]
-    normalization: tuple[str, ...]
-    labels: Labels
-
-    def patch_size(self, limit: int = 128) -> tuple[int, int, int]:
-        """The default patch: the median shape rounded up to a multiple of 16, at most `limit`."""
-        median = np.median(list(self.shapes.values()), axis=0)
-        return tuple(int(min(math.ceil(m / 16) * 16, limit)) for m in median)
-
-
-def survey_volumes(cases: list[ds.Case], info: ds.DatasetInfo, regions, normalization: str) -> VolumeSurvey:
-    """Headers (shape, spacing, channels: every case alike, and as dataset.json declares) and
-    labels (on their image's grid, holding declared values only; without a declaration the
-    values found make the classes); `regions` ((name, values) pairs) from --regions."""
-    headers = [ds.read_case_info(c) for c in tqdm(cases, desc="reading headers", unit="case",
-                                                   disable=not sys.stderr.isatty())]
-    channels = info.channels
-    count = len(channels) if channels else headers[0][2]
-    for case, (_, _, n) in zip(cases, headers):
-        if n != count:
-            declared = f"{info.path} declares {count}" if channels else f"{cases[0].case_id} has {count}"
-            raise UserError(f"{case.image}: has {n} channel(s), {declared}; every case needs the same channels")
-    spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props, _ in headers], axis=0))
-    found = set()
-    for case, (shape, props, _) in zip(cases, headers):
-        label = ds.read_label(case.label, shape, props)
-        if info.labels is None:
-            found.update(ds.label_values(label, case.label))
-        else:
-            ds.class_indices(label, case.label, info.labels)
-    labels = info.labels or lbl.from_values(found)
-    if regions:
-        try:
-            labels = labels.with_regions(regions)
-        except ValueError as e:
-            raise UserError(f"--regions: {e}") from None
-    shapes = {c.case_id: ds.resampled_shape(shape, props["spacing"], spacing)
-              for c, (shape, props, _) in zip(cases, headers)}
-    names = channels or tuple(f"channel {k}" for k in range(count))
-    return VolumeSurvey(spacing, shapes, tuple(names), ds.normalization_rules(normalization, count, channels), labels)
-
-
 @dataclass
 class VolumeCase:
     """One case as the patch strategy trains on it: the normalised image (C, D, H, W), the pad
@@ -452,12 +475,12 @@ class VolumeCase:
         return self.image.nbytes + self.label.nbytes + self.sampler.table.nbytes + self.sampler.foreground.nbytes
 
 
-def load_volume_case(case: ds.Case, survey: VolumeSurvey, settings: PatchSettings, patch) -> VolumeCase:
+def load_volume_case(case: ds.Case, survey: Survey, settings: PatchSettings, patch) -> VolumeCase:
     image, pads, label = ds.load_volume(case, survey.spacing, survey.labels, survey.normalization)
     return VolumeCase(image, pads, label, ds.PatchSampler(label, patch, settings.max_background, settings.max_tries))
 
 
-def load_volume_cases(cases: list[ds.Case], survey: VolumeSurvey, settings: PatchSettings,
+def load_volume_cases(cases: list[ds.Case], survey: Survey, settings: PatchSettings,
                       patch) -> list[VolumeCase | None]:
     """Decode every case once (validating it) and keep it in memory while the kept cases stay
     under the cache limit (`settings.cache_cases`); past it, a case is read again for each
@@ -477,23 +500,11 @@ def load_volume_cases(cases: list[ds.Case], survey: VolumeSurvey, settings: Patc
     return out
 
 
-def patch_item(image: np.ndarray, label: np.ndarray, labels: Labels, distance_spacing=None) -> tuple:
-    """Tensors of one training patch: image (C, D, H, W) float32, the target (out_channels, D,
-    H, W) float32 (`Labels.target`) and, with `distance_spacing`, a signed distance map per
-    foreground channel of the target for the boundary losses."""
-    target = labels.target(label)
-    item = (torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), torch.from_numpy(target))
-    if distance_spacing is not None:
-        foreground = target[1:] if labels.activation == "softmax" else target
-        item += (torch.from_numpy(signed_distance_maps(foreground, distance_spacing)),)
-    return item
-
-
 class PatchSet(torch.utils.data.Dataset):
     """Random patches with a foreground bias (`ds.PatchSampler`), augmented; a case comes from
-    memory, or from disk when it is not kept. Items as `patch_item`."""
+    memory, or from disk when it is not kept. Items as `training_item`."""
 
-    def __init__(self, cases: list[ds.Case], data: list[VolumeCase | None], survey: VolumeSurvey,
+    def __init__(self, cases: list[ds.Case], data: list[VolumeCase | None], survey: Survey,
                  settings: PatchSettings, patch, sampler: EpochSampler, distance_spacing=None):
         self.cases, self.data, self.survey, self.settings, self.patch = cases, data, survey, settings, tuple(patch)
         self.sampler, self.distance_spacing = sampler, distance_spacing
@@ -508,7 +519,7 @@ class PatchSet(torch.utils.data.Dataset):
         image = ds.crop(case.image, start, self.patch, case.pads)
         label = ds.crop(case.label, start, self.patch, 0)
         image, label = self.settings.augment(image, label, rng)
-        return patch_item(image, label, self.survey.labels, self.distance_spacing)
+        return training_item(image, label, self.survey.labels, self.distance_spacing)
 
 
 def mean_dice(probs: np.ndarray, label: np.ndarray, labels: Labels) -> float:
@@ -524,24 +535,17 @@ def mean_dice(probs: np.ndarray, label: np.ndarray, labels: Labels) -> float:
 
 
 def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase | None], split,
-                  survey: VolumeSurvey, settings: PatchSettings, patch, run_dir: Path, device, resume=None) -> Path:
+                  survey: Survey, settings: PatchSettings, patch, run_dir: Path, device, resume=None) -> Path:
     """Train one network on random patches of whole scans (the patch strategy); validation
     Dice of whole scans from the sliding window that prediction uses. `data`: the cases of
     `load_volume_cases` by id (None: read from disk when needed)."""
     by_id = {c.case_id: c for c in cases}
     train_ids, val_ids = split["train"], split["val"]
-    print(f"patch size {patch}; {len(survey.channels)} channel(s) ({', '.join(survey.channels)}), normalised "
-          f"{'/'.join(survey.normalization)}; classes {dict(zip(survey.labels.values, survey.labels.names))}"
-          + (f"; regions {dict(survey.labels.regions)}" if survey.labels.regions else ""))
+    print(f"patch size {patch}")
     train_set = PatchSet([by_id[i] for i in train_ids], [data[i] for i in train_ids], survey, settings, patch,
                          EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
                          survey.spacing if settings.criterion().needs_distance_map else None)
-    if settings.augmentation_grid and is_main():
-        train_set.sampler.set_epoch(0)
-        plots.augmentation_grid(settings.augmentation_grid,
-                                [(x[0].numpy(), (y[1:] if survey.labels.activation == "softmax" else y).amax(0))
-                                 for x, y, *_ in (train_set[j] for j in range(min(8, len(train_set))))])
-        print(f"augmented training patches: {settings.augmentation_grid}")
+    write_augmentation_grid(settings.augmentation_grid, train_set, survey.labels)
     activation = inference.ACTIVATIONS[survey.labels.activation]
 
     def validate(net, rank, size):
@@ -554,8 +558,7 @@ def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase 
         return scores
 
     config = {"role": "segmenter", "strategy": "patches", "arch": model_arch(model), "patch_size": list(patch),
-              "spacing": list(survey.spacing), "loss": settings.loss_criterion, "channels": list(survey.channels),
-              "normalization": list(survey.normalization), "labels": survey.labels.record(),
+              "spacing": list(survey.spacing), "loss": settings.loss_criterion, **survey.input_record(),
               "overlap": settings.overlap}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
 
@@ -601,7 +604,7 @@ class VolumeSet(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         i, rng = self.sampler.draw(j)
-        return training_item(*self.augment(*self.volumes[i], rng), self.distance_spacing)
+        return training_item(*self.augment(*self.volumes[i], rng), lbl.binary(), self.distance_spacing)
 
 
 class SegmenterSet(torch.utils.data.Dataset):
@@ -609,9 +612,9 @@ class SegmenterSet(torch.utils.data.Dataset):
     them (what prediction will see), half on the ground truth's box; augmentation then moves
     them further. A case's region comes from memory, or from disk when it is not kept."""
 
-    def __init__(self, cases: list[ds.Case], data: list[SegmenterCase], spacing, patch_size, sampler: EpochSampler,
-                 augment, distance_spacing=None):
-        self.cases, self.data, self.spacing, self.patch_size = cases, data, spacing, tuple(patch_size)
+    def __init__(self, cases: list[ds.Case], data: list[SegmenterCase], survey: Survey, patch_size,
+                 sampler: EpochSampler, augment, distance_spacing=None):
+        self.cases, self.data, self.survey, self.patch_size = cases, data, survey, tuple(patch_size)
         self.sampler, self.augment, self.distance_spacing = sampler, augment, distance_spacing
 
     def __len__(self):
@@ -620,11 +623,11 @@ class SegmenterSet(torch.utils.data.Dataset):
     def __getitem__(self, j):
         i, rng = self.sampler.draw(j)
         seg_case = self.data[i]
-        region = seg_case.region or load_region(self.cases[i], self.spacing, seg_case, self.patch_size)
+        region = seg_case.region or load_region(self.cases[i], self.survey, seg_case, self.patch_size)
         found = seg_case.location.found
         centre = seg_case.location.centre if (found and rng.random() < 0.5) else seg_case.gt_centre
         image, label = self.augment(*region.crop(centre, self.patch_size), rng)
-        return training_item(image, label, self.distance_spacing)
+        return training_item(image, label, self.survey.labels, self.distance_spacing)
 
 
 # ----------------------------------------------------------------------------- the epoch loop

@@ -1,6 +1,8 @@
 """Prediction speed, memory and accuracy: predict.py's locator + one crop against the same V-Net
-run by MONAI's `sliding_window_inference` over the whole volume, in the same run. Writes its
-section of BENCHMARKS.md.
+run by MONAI's `sliding_window_inference` over the whole volume, in the same run (`--section
+two_stage`, the default); and the patch strategy's sliding window, `inference.sliding_window`,
+against MONAI's Gaussian `sliding_window_inference` of the same model (`--section
+sliding_window`). Each section writes its own section of BENCHMARKS.md.
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt
     python phantoms.py --out_dir /tmp/p6/train --num_cases 16 --shape 48 128 128 --shape 48 112 112 --seed 5
@@ -32,19 +34,44 @@ Accuracy (`--dice_run`, `--dice_data`): a small trained run (e.g. the commands a
 held-out phantoms both ways, ours as predict.py does and MONAI's sliding window of the same
 segmenter over the whole z-scored volume with its patch size as the window; Dice and HD95 per
 approach, mean +- std.
+
+Sliding window (`--section sliding_window`, about 5 minutes on 2 CPU cores; `--quick`: tiny
+sizes, prints only):
+
+    .venv-bench/bin/python benchmarks/bench_predict.py --section sliding_window
+    .venv-bench/bin/python benchmarks/bench_predict.py --section sliding_window --quick
+
+Two four-channel brain-tumour phantoms (`synthetic_tumour.make_tumour_phantom`, 1 mm, z-scored
+per channel over the brain as `predict_patches` does): a BraTS-size 155x240x240 scan with a
+128x128x128 window and a 64x96x96 one with a 32x64x64 window. The same
+`models.VNet(in_channels=4, out_channels=4, base_channels=8)` (untrained, seeded, eval mode,
+no_grad) runs in `inference.sliding_window(activation=ACTIVATIONS["softmax"])` and in MONAI's
+`sliding_window_inference(mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=0.0)`
+with the predictor `torch.softmax(model(x), 1)`: overlap 0.5, 4 windows per batch, the same
+threads, each arm from a numpy array in host memory to the probabilities as a numpy array. One
+untimed call of each arm (their outputs give the maximum absolute difference), then the median of
+`--sw_repeats` calls, the arms alternating; on the CPU, and also on CUDA when a GPU is present
+(`--device` picks one). Memory: in a fresh process, the rise of peak RSS over a call of
+`inference.predict_patches` on the BraTS-size scan, after one forward pass of a batch of windows
+(so that the network's own activations are already in the peak), against the bound of C + K + 2
+float32 volumes of the scan.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -55,7 +82,9 @@ sys.path.insert(0, str(ROOT))
 import dataset as ds  # noqa: E402
 import inference  # noqa: E402
 import synthetic  # noqa: E402
+import synthetic_tumour  # noqa: E402
 from common import cpu_name, publish, sync  # noqa: E402  (benchmarks/ is sys.path[0])
+from labels import Labels  # noqa: E402
 from metrics import compute_metrics  # noqa: E402
 from models import VNet, count_parameters, model_arch  # noqa: E402
 from training import save_checkpoint  # noqa: E402
@@ -68,6 +97,18 @@ FACTORS = ds.downscale_factors(SCALE_FACTOR)
 SPACING = (0.625, 0.625, 0.625)
 MIB = 2**20
 
+SW_HEADING = "## Sliding window against MONAI (benchmarks/bench_predict.py --section sliding_window)"
+# (C, D, H, W) scan and (d, h, w) window: a BraTS-size scan with nnU-Net's kind of window, and a
+# small one; --quick swaps in tiny ones (every side a multiple of 16, as the V-Net needs).
+SW_CASES = (((4, 155, 240, 240), (128, 128, 128)), ((4, 64, 96, 96), (32, 64, 64)))
+SW_QUICK = (((4, 48, 64, 64), (32, 32, 32)), ((4, 32, 48, 48), (16, 32, 32)))
+SW_BASE_CHANNELS = 8
+SW_BATCH = 4
+SW_OVERLAP = 0.5
+SW_SPACING = (1.0, 1.0, 1.0)
+SW_LABELS = Labels((1, 2, 3), ("edema", "non-enhancing", "enhancing"))  # softmax over K + 1 = 4 outputs
+SW_RULES = ("nonzero",) * 4  # z-score each channel over the brain, as the patch strategy does for BraTS
+
 # Starts argv[2:] and writes "<exit code> <ru_maxrss KiB>" of that process, from wait4, to argv[1].
 LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ); "
             "_, status, usage = os.wait4(pid, 0); "
@@ -77,23 +118,36 @@ LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=(88, 640, 640),
-                   help="scan size for timing and memory (LASC: 88 640 640)")
-    p.add_argument("--repeats", type=int, default=2, help="timed cases of our pipeline (after one untimed)")
-    p.add_argument("--monai_repeats", type=int, default=1, help="timed cases of MONAI's sliding window")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both arms run")
-    p.add_argument("--dice_run", help="run folder of a small trained model (locator/ and segmenter/best.pt)")
-    p.add_argument("--dice_data", help="held-out phantoms (LASC layout, with labels) for the Dice comparison")
+    p.add_argument("--section", choices=("two_stage", "sliding_window"), default="two_stage",
+                   help="which comparison to run and write: predict.py's two-stage path, or the patch "
+                        "strategy's sliding window")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where the arms run (default: two_stage on the CPU; sliding_window on the CPU, and on "
+                        "CUDA as well when a GPU is present)")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"), help="file whose section to replace")
     p.add_argument("--no_write", action="store_true", help="print only")
+    two = p.add_argument_group("two_stage section")
+    two.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=(88, 640, 640),
+                     help="scan size for timing and memory (LASC: 88 640 640)")
+    two.add_argument("--repeats", type=int, default=2, help="timed cases of our pipeline (after one untimed)")
+    two.add_argument("--monai_repeats", type=int, default=1, help="timed cases of MONAI's sliding window")
+    two.add_argument("--dice_run", help="run folder of a small trained model (locator/ and segmenter/best.pt)")
+    two.add_argument("--dice_data", help="held-out phantoms (LASC layout, with labels) for the Dice comparison")
+    sw = p.add_argument_group("sliding_window section")
+    sw.add_argument("--sw_repeats", type=int, nargs=2, metavar=("LARGE", "SMALL"), default=(2, 5),
+                    help="timed calls of each arm (after one untimed) on the BraTS-size scan and on the small one")
+    sw.add_argument("--quick", action="store_true",
+                    help=f"tiny scans and windows ({', '.join('x'.join(map(str, c)) for c, _ in SW_QUICK)}) to "
+                         "check that the section runs; implies --no_write")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.monai_repeats < 1:
-        p.error("--repeats and --monai_repeats must be at least 1")
+    if args.repeats < 1 or args.monai_repeats < 1 or min(args.sw_repeats) < 1:
+        p.error("--repeats, --monai_repeats and --sw_repeats must be at least 1")
     if (args.dice_run is None) != (args.dice_data is None):
         p.error("give --dice_run and --dice_data together")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    args.no_write = args.no_write or args.quick
     return args
 
 
@@ -188,7 +242,7 @@ def memory(locator: Path, segmenter: Path, scan: Path, workdir: Path, patch) -> 
                  "import dataset, inference, metrics, plots, utils; "  # what predict.py imports
                  f"inference.set_cpu_threads(); inference.load_two_stage({str(locator)!r}, {str(segmenter)!r}, "
                  "torch.device('cpu'))")
-    one_crop = (f"{load_only}.segmenter; import numpy; "
+    one_crop = (f"{load_only}.segmenters[0]; import numpy; "
                 f"inference.probabilities(_, numpy.zeros({tuple(patch)}, numpy.float32), torch.device('cpu'))")
     one_crop = one_crop.replace("inference.load_two_stage", "_ = inference.load_two_stage", 1)
     return {"models loaded, no case": peak_rss([sys.executable, "-c", load_only], workdir, "base"),
@@ -209,7 +263,7 @@ def dice_comparison(run: Path, data: Path, device) -> dict:
         prob, _ = inference.predict_two_stage(pipe, image, props)
         scores["ours"].append(compute_metrics(prob >= 0.5, label, spacing=props["spacing"]))
         z, _ = ds.zscore(image)
-        swi = sliding_window_probs(pipe.segmenter, z, pipe.patch_size, device)
+        swi = sliding_window_probs(pipe.segmenters[0], z, pipe.patch_size, device)
         scores["MONAI sliding window"].append(compute_metrics(swi >= 0.5, label, spacing=props["spacing"]))
     return {"scores": scores, "patch": pipe.patch_size, "cases": len(scores["ours"]),
             "arch": torch.load(run / "segmenter" / "best.pt", weights_only=True)["config"]["arch"]}
@@ -219,11 +273,309 @@ def mean_std(values) -> str:
     return f"{np.mean(values):.3f} +- {np.std(values):.3f}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# ----------------------------------------------------------------------------- the sliding-window section
+
+def sw_model(device: torch.device) -> torch.nn.Module:
+    """The V-Net both sliding windows run: 4 channels in, K + 1 = 4 softmax outputs, seeded
+    weights, evaluation mode, in the layout `inference.load_model` gives a checkpoint's model."""
+    torch.manual_seed(3)
+    model = VNet(in_channels=4, out_channels=SW_LABELS.out_channels, base_channels=SW_BASE_CHANNELS)
+    return model.to(device, memory_format=inference.memory_format(device)).eval()
+
+
+def ours_sliding(model, volume: np.ndarray, window, device) -> tuple[float, np.ndarray]:
+    """Seconds and probabilities (K + 1, D, H, W) of `inference.sliding_window` over a
+    normalised (C, D, H, W) volume."""
+    t0 = time.perf_counter()
+    probs = inference.sliding_window([model], volume, window, device, overlap=SW_OVERLAP, batch_size=SW_BATCH,
+                                     pad_value=0.0, activation=inference.ACTIVATIONS["softmax"])
+    sync(device)
+    return time.perf_counter() - t0, probs
+
+
+def monai_sliding(model, volume: np.ndarray, window, device) -> tuple[float, np.ndarray]:
+    """Seconds and probabilities (K + 1, D, H, W) of MONAI's Gaussian sliding window of the same
+    model, numpy to numpy as ours. The windows get our layout (channels-last on the CPU) so that
+    both arms run the same convolutions; on CUDA both run under the same autocast."""
+    from monai.inferers import sliding_window_inference
+
+    fmt = inference.memory_format(device)
+    t0 = time.perf_counter()
+    x = torch.from_numpy(volume)[None].to(device)  # (1, C, D, H, W)
+    with torch.no_grad(), torch.autocast(device.type, dtype=inference.autocast_dtype(device),
+                                         enabled=device.type == "cuda"):
+        out = sliding_window_inference(
+            x, roi_size=tuple(window), sw_batch_size=SW_BATCH, overlap=SW_OVERLAP, mode="gaussian",
+            sigma_scale=0.125, padding_mode="constant", cval=0.0,
+            predictor=lambda w: torch.softmax(model(w.contiguous(memory_format=fmt)).float(), 1))
+    probs = out[0].float().cpu().numpy()
+    sync(device)
+    return time.perf_counter() - t0, probs
+
+
+def monai_weights(window) -> np.ndarray:
+    """MONAI's Gaussian importance map (sigma 1/8 of the window, clamped from below at 1e-3), as
+    a drop-in for `inference.gaussian_weights` in a control run of ours."""
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(tuple(window), mode="gaussian", sigma_scale=0.125, device="cpu").numpy()
+
+
+def differences(ours: np.ndarray, theirs: np.ndarray, window) -> dict[str, float]:
+    """Max and mean abs difference of two (K, D, H, W) outputs, and the max at least a quarter
+    window from every face of the scan, away from the margins where MONAI's clamped weights
+    differ from ours most (see the section's text)."""
+    diff = np.abs(ours - theirs).max(axis=0)
+    inner = tuple(slice(w // 4, n - w // 4) for n, w in zip(diff.shape, window))
+    return {"max": float(diff.max()), "mean": float(np.abs(ours - theirs).mean()),
+            "inner": float(diff[inner].max()) if diff[inner].size else float("nan")}
+
+
+def sw_starts(shape, window) -> dict[str, list[list[int]]]:
+    """Window starts per axis, ours (`inference.window_starts`) and MONAI's (`dense_patch_slices`
+    at its scan interval, int((1 - overlap) x window), the last window moved back to end at the
+    scan's edge)."""
+    from monai.data.utils import dense_patch_slices
+
+    interval = [w if w == n else max(1, int(w * (1 - SW_OVERLAP))) for n, w in zip(shape, window)]
+    slices = dense_patch_slices(tuple(shape), tuple(window), interval)
+    return {"ours": [inference.window_starts(n, w, SW_OVERLAP) for n, w in zip(shape, window)],
+            "MONAI": [sorted({int(box[a].start) for box in slices}) for a in range(3)]}
+
+
+def patches_memory(npy: str, window, device_name: str, result: str) -> None:
+    """(Runs in a fresh process: `sw_memory`.) Peak RSS around one `inference.predict_patches`
+    call on the raw (C, D, H, W) scan in `npy`, written as JSON to `result`. Before the call the
+    network runs once on a batch of zero windows, so that its activations (which scale with the
+    window and the batch, not the scan) are already in the peak and the call's rise is what it
+    holds beside them."""
+    def maxrss() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+    inference.set_cpu_threads()
+    device = torch.device(device_name)
+    model = sw_model(device)
+    pipe = inference.Patches([model], tuple(window), SW_SPACING, synthetic_tumour.CHANNELS, SW_RULES, SW_LABELS,
+                             device, overlap=SW_OVERLAP, batch_size=SW_BATCH)
+    image = np.load(npy)
+    loaded = maxrss()
+    with torch.no_grad():  # one batch input, as sliding_window holds it (its staging copy freed before the pass)
+        batch = torch.zeros((SW_BATCH, image.shape[0], *window), device=device).contiguous(
+            memory_format=inference.memory_format(device))
+        torch.softmax(model(batch).float(), 1)
+        del batch
+    sync(device)
+    before = maxrss()
+    props = {"spacing": SW_SPACING, "origin": (0.0, 0.0, 0.0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)}
+    probs = inference.predict_patches(pipe, image, props)
+    after = maxrss()
+    assert probs.shape == (SW_LABELS.out_channels, *image.shape[1:]), f"{probs.shape} from {image.shape}"
+    Path(result).write_text(json.dumps({"scan loaded": loaded, "batch forward": before,
+                                        "predict_patches": after}))
+
+
+def sw_memory(npy: Path, window, device: torch.device, workdir: Path) -> dict[str, int]:
+    """`patches_memory` in a process of its own, started by LAUNCHER (see `peak_rss`)."""
+    result = workdir / "patches_memory.json"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_predict; "
+            f"bench_predict.patches_memory({str(npy)!r}, {tuple(window)}, {device.type!r}, {str(result)!r})")
+    peak = peak_rss([sys.executable, "-c", code], workdir, "patches")
+    return {**json.loads(result.read_text()), "process peak (wait4)": peak}
+
+
+def sliding_window_section(args, argv=None) -> None:
     import monai
     inference.set_cpu_threads()
-    device = torch.device(args.device)
+    if args.device:
+        devices = [torch.device(args.device)]
+    else:
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    cases = SW_QUICK if args.quick else SW_CASES
+    load_before = os.getloadavg()[0]
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bench_sw_"))
+
+    rows, starts, raw_paths = [], [], []
+    for (shape, window), repeats in zip(cases, args.sw_repeats):
+        raw, _ = synthetic_tumour.make_tumour_phantom(shape[1:], SW_SPACING, np.random.default_rng(0))
+        assert raw.shape == shape, f"phantom {raw.shape}, expected {shape}"
+        raw_paths.append(work / f"scan_{'x'.join(map(str, shape[1:]))}.npy")
+        np.save(raw_paths[-1], raw)
+        volume = raw.copy()
+        ds.normalise(volume, SW_RULES)  # in place, as predict_patches does
+        del raw
+        starts.append(sw_starts(shape[1:], window))
+        for device in devices:
+            model = sw_model(device)
+            # Untimed first calls (allocations, kernel choice). Ours runs with MONAI's weights in place
+            # of its own: the control that leaves only the window placement (and rounding) different.
+            with mock.patch.object(inference, "gaussian_weights", monai_weights):
+                _, control = ours_sliding(model, volume, window, device)
+            _, theirs = monai_sliding(model, volume, window, device)
+            assert control.shape == theirs.shape == (SW_LABELS.out_channels, *shape[1:]), \
+                f"{control.shape} {theirs.shape}"
+            row = {"shape": shape, "window": window, "device": device.type, "repeats": repeats,
+                   "control": differences(control, theirs, window)["max"], "ours": [], "MONAI": []}
+            del control, theirs
+            for i in range(repeats):
+                seconds, ours = ours_sliding(model, volume, window, device)
+                row["ours"].append(seconds)
+                seconds, theirs = monai_sliding(model, volume, window, device)
+                row["MONAI"].append(seconds)
+                if i == 0:
+                    row.update(differences(ours, theirs, window), range=(float(ours.min()), float(ours.max())))
+                del ours, theirs
+            row["ratio"] = statistics.median(row["MONAI"]) / statistics.median(row["ours"])
+            rows.append(row)
+            print(f"{'x'.join(map(str, shape))}, window {'x'.join(map(str, window))}, {device.type}: ours "
+                  + ", ".join(f"{t:.2f}" for t in row["ours"]) + " s, MONAI "
+                  + ", ".join(f"{t:.2f}" for t in row["MONAI"]) + f" s, MONAI / ours {row['ratio']:.2f}x, max abs "
+                  f"difference {row['max']:.2e} ({row['inner']:.2e} away from the faces, {row['control']:.2e} with "
+                  "MONAI's weights in ours)", flush=True)
+            del model
+        del volume
+    load_after = os.getloadavg()[0]
+
+    mem = None if args.no_memory else sw_memory(raw_paths[0], cases[0][1], devices[0], work)
+    if mem:
+        print("peak RSS: " + ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in mem.items()), flush=True)
+    print(f"section took {time.perf_counter() - t_start:.0f} s", flush=True)
+    shutil.rmtree(work)
+    publish(sliding_window_lines(argv, devices, cases, rows, starts, mem, load_before, load_after, monai),
+            SW_HEADING, args.output, write=not args.no_write)
+
+
+def sliding_window_lines(argv, devices, cases, rows, starts, mem, load_before, load_after, monai) -> list[str]:
+    def size(shape) -> str:
+        return "x".join(map(str, shape))
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join([".venv-bench/bin/python benchmarks/bench_predict.py", *given])
+    threads = torch.get_num_threads()
+    host = f"{cpu_name()}, {os.cpu_count()} cores ({threads} torch threads)"
+    cuda = any(d.type == "cuda" for d in devices)
+    machine = f"{host}; GPU {torch.cuda.get_device_name()}" if cuda else f"{host}; no GPU"
+    loaded = load_before > 0.5 * (os.cpu_count() or 1) + 0.5
+    params = count_parameters(VNet(in_channels=4, out_channels=SW_LABELS.out_channels,
+                                   base_channels=SW_BASE_CHANNELS))
+    weights = inference.gaussian_weights(cases[0][1])
+    lines = [
+        SW_HEADING, "",
+        f"`{command}` on {datetime.date.today().isoformat()}, commit {commit}: {machine}; torch {torch.__version__}, "
+        f"MONAI {monai.__version__}, numpy {np.__version__}, Python {platform.python_version()}; load average "
+        f"{load_before:.1f} before, {load_after:.1f} after the timings"
+        + (" (other jobs were running: absolute seconds are inflated, the alternating arms' ratio less so)."
+           if loaded else "."),
+        "",
+        "Ours: `inference.sliding_window(activation=inference.ACTIVATIONS[\"softmax\"])`. MONAI: "
+        f"`sliding_window_inference(roi_size=window, sw_batch_size={SW_BATCH}, overlap={SW_OVERLAP}, "
+        "mode=\"gaussian\", sigma_scale=0.125, padding_mode=\"constant\", cval=0.0)` with the predictor "
+        "`torch.softmax(model(x), 1)`. Both run the same `models.VNet(in_channels=4, out_channels=4, "
+        f"base_channels={SW_BASE_CHANNELS})` ({params:,} parameters; untrained, seeded weights: the time does not "
+        "depend on them) in eval mode under `torch.no_grad`, a softmax over its 4 outputs applied to each window "
+        f"before the Gaussian blend (sigma 1/8 of the window in both), overlap {SW_OVERLAP}, {SW_BATCH} windows per "
+        f"forward pass, {threads} torch threads, the windows in the same layout"
+        + (", bf16 autocast on CUDA for both" if cuda else "") + ". Input: a four-channel brain-tumour phantom "
+        "(`synthetic_tumour.make_tumour_phantom`, 1 mm, seed 0) z-scored per channel over the brain "
+        "(`dataset.normalise`, rule \"nonzero\", as `predict_patches` does); each arm goes from the (C, D, H, W) "
+        "float32 numpy array in host memory to the (4, D, H, W) probabilities as a numpy array. One untimed call "
+        "of each arm, then the median of the timed calls, the arms alternating; the first timed calls' outputs "
+        "are compared (all 4 channels, every voxel; \"inner\": at least a quarter window from every face of the "
+        "scan). Ours' untimed call runs with MONAI's importance map in place of `inference.gaussian_weights` "
+        "(`mock.patch`): the control that leaves only the window placement, and float rounding, different.",
+        "",
+        "| scan (C x D x H x W) | window | windows (ours, MONAI) | device | ours (s, median) | MONAI (s, median) | "
+        "all calls, ours; MONAI (s) | MONAI / ours | max abs difference (inner) | mean abs difference | "
+        "max abs difference, ours with MONAI's weights | ours' probabilities |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        st = starts[[c for c, _ in cases].index(row["shape"])]
+        counts = ", ".join(str(int(np.prod([len(a) for a in st[k]]))) for k in ("ours", "MONAI"))
+        lines.append(
+            f"| {size(row['shape'])} | {size(row['window'])} | {counts} | {row['device']} | "
+            f"{statistics.median(row['ours']):.2f} | {statistics.median(row['MONAI']):.2f} | "
+            f"{', '.join(f'{t:.2f}' for t in row['ours'])}; {', '.join(f'{t:.2f}' for t in row['MONAI'])} | "
+            f"{row['ratio']:.2f}x | {row['max']:.1e} ({row['inner']:.1e}) | {row['mean']:.1e} | "
+            f"{row['control']:.1e} | {row['range'][0]:.3f} to {row['range'][1]:.3f} |")
+    lines.append("")
+    placement = []
+    for (shape, window), st in zip(cases, starts):
+        if st["ours"] == st["MONAI"]:
+            placement.append(f"on the {size(shape[1:])} scan ({size(window)} window) the starts coincide "
+                             f"({'; '.join(map(str, st['ours']))} in z; y; x)")
+        else:
+            placement.append(f"on the {size(shape[1:])} scan ({size(window)} window) ours start at "
+                             f"{'; '.join(map(str, st['ours']))} and MONAI's at {'; '.join(map(str, st['MONAI']))} "
+                             "(z; y; x)")
+    lines += [
+        "The outputs agree closely but are not equal, for two reasons. Weights: MONAI clamps its Gaussian "
+        "importance map from below at 1e-3 (`monai.data.utils.compute_importance_map`), ours does not (its "
+        f"smallest weight, at a window's corner, is {weights.min():.1e}; {np.mean(weights < 1e-3):.0%} of a "
+        f"{size(cases[0][1])} window's voxels weigh under 1e-3). Near the scan's faces every window that covers a "
+        "voxel has it in that margin, so MONAI weighs those windows alike there (a plain mean) while ours still "
+        "favours the window whose centre is nearest; hence the larger differences there than inside (the "
+        "\"inner\" figure). Placement: MONAI steps by its scan interval, "
+        f"int({1 - SW_OVERLAP} x window), from 0 and moves the last window back to end at the scan's edge (a "
+        "shorter last step); ours spreads the same number of windows evenly from the first to the last "
+        f"(`inference.window_starts`): {'; '.join(placement)}. Where the starts coincide, ours with MONAI's "
+        "weights gives MONAI's output (the control column: the weights are the whole difference); where they "
+        "differ, the control column is the placement's share. The differences are set against the "
+        "probabilities' own spread (last column) of an untrained network; a trained one's windows disagree more "
+        "at their edges, and would differ more.",
+        "",
+    ]
+    if mem:
+        shape, window = cases[0]
+        volume = np.prod(shape[1:]) * 4
+        c, k = shape[0], SW_LABELS.num_classes
+        bound = (c + k + 2) * volume
+        rise = mem["predict_patches"] - mem["batch forward"]
+        held = c * volume + rise
+        device = devices[0].type
+        lines += [
+            f"Host memory of our full prediction path, `inference.predict_patches` (an `inference.Patches` of the "
+            f"same model: window {size(window)}, overlap {SW_OVERLAP}, batch {SW_BATCH}, rules \"nonzero\", "
+            f"{k} classes, device {device}) on the {size(shape)} scan, in a fresh process (started by a small "
+            f"launcher, so that its peak RSS starts at its own size); one float32 {size(shape[1:])} volume is "
+            f"{volume / MIB:.1f} MiB. The process loads the raw scan (C = {c} volumes), runs the network once on "
+            f"a batch of {SW_BATCH} zero windows (its activations scale with the window and the batch, not the "
+            "scan, and the bound leaves them out; this puts them in the peak first), then calls `predict_patches`; "
+            "ru_maxrss after each step:",
+            "",
+            "| scan loaded (MiB) | + one batch's forward pass (MiB) | + predict_patches (MiB) | rise during the "
+            "call (MiB) | rise (volumes) | scan + rise (volumes) | bound C + K + 2 (volumes) | (scan + rise) / bound |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"| {mem['scan loaded'] / MIB:,.0f} | {mem['batch forward'] / MIB:,.0f} | "
+            f"{mem['predict_patches'] / MIB:,.0f} | {rise / MIB:,.0f} | {rise / volume:.1f} | {held / volume:.1f} | "
+            f"{c + k + 2} ({bound / MIB:,.0f} MiB) | {held / bound:.2f} |",
+            "",
+            f"The bound (C = {c} channels, K = {k} classes) counts the scan, the K + 1 accumulated probabilities "
+            "and the summed weights, as `predict_patches`' docstring states; the network's activations on "
+            f"one batch of windows ({(mem['batch forward'] - mem['scan loaded']) / MIB:,.0f} MiB above "
+            f"the loaded scan here) come on top. One batch of {SW_BATCH} windows, its input ({c} channels) or its "
+            f"output ({k + 1}), is {SW_BATCH * c * np.prod(window) * 4 / volume:.1f} and "
+            f"{SW_BATCH * (k + 1) * np.prod(window) * 4 / volume:.1f} volumes of this scan: such a buffer held "
+            "into the next batch's forward pass shows in the rise at that size. The process's peak from wait4: "
+            f"{mem['process peak (wait4)'] / MIB:,.0f} MiB. "
+            + ("Within the bound." if held <= bound else f"Over the bound by {(held - bound) / volume:.1f} volumes."),
+            "",
+        ]
+    if not cuda:
+        lines += ["No GPU on this machine: the same command on one adds CUDA rows (both arms on the GPU under "
+                  "bf16 autocast); the memory figures stay the CPU path's.", ""]
+    return lines
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.section == "sliding_window":
+        return sliding_window_section(args, argv)
+    import monai
+    inference.set_cpu_threads()
+    device = torch.device(args.device or "cpu")
     shape = tuple(args.shape)
     patch = tuple(min(r, ds.round_up(shape, ds.pad_multiple(FACTORS))[i]) for i, r in enumerate(ROI))
     load_before = os.getloadavg()[0]
@@ -237,7 +589,7 @@ def main(argv=None):
     del image
     locator, segmenter = write_checkpoints(work, patch)
     pipe = inference.load_two_stage(locator, segmenter, device)
-    params = count_parameters(pipe.segmenter)
+    params = count_parameters(pipe.segmenters[0])
 
     ours_arm(pipe, scan, work / "warm.nrrd")  # untimed: first-call allocations and kernel choice
     stages = stage_times(pipe, scan, work / "stages.nrrd")
@@ -248,7 +600,7 @@ def main(argv=None):
             times["ours"].append(ours_arm(pipe, scan, work / f"ours_{i}.nrrd"))
             print(f"ours: {times['ours'][-1]:.2f} s", flush=True)
         if i < args.monai_repeats:
-            times["MONAI"].append(monai_arm(pipe.segmenter, scan, work / f"monai_{i}.nrrd", device))
+            times["MONAI"].append(monai_arm(pipe.segmenters[0], scan, work / f"monai_{i}.nrrd", device))
             print(f"MONAI sliding window: {times['MONAI'][-1]:.2f} s", flush=True)
     load_after_timing = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}

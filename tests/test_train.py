@@ -130,8 +130,9 @@ def test_segmenter_starts_from_the_locator_weights(trained_run, tiny_data, tmp_p
 
 def test_each_case_is_decoded_once_per_stage_and_located_once(trained_run, tiny_data, tmp_path, monkeypatch):
     decoded, located = [], []
-    read_image, locate = ds.read_image, inference.locate
+    read_image, read_channels, locate = ds.read_image, ds.read_image_channels, inference.locate
     monkeypatch.setattr(ds, "read_image", lambda path: decoded.append(path.name) or read_image(path))
+    monkeypatch.setattr(ds, "read_image_channels", lambda path: decoded.append(path.name) or read_channels(path))
     monkeypatch.setattr(inference, "locate", lambda *a, **k: located.append(1) or locate(*a, **k))
     train_ok("--data_dir", tiny_data, "--output_dir", tmp_path / "both", *TINY_TRAIN)
     assert decoded.count("lgemri.nrrd") == 2 * 4  # locator stage, segmenter stage
@@ -198,9 +199,9 @@ def corrupt(data, problem):
     image, props = ds.read_image(case / "lgemri.nrrd")
     if problem == "missing label":
         (case / "laendo.nrrd").unlink()
-    elif problem == "non-binary label":
-        label = ds.read_image(case / "laendo.nrrd")[0]
-        label[0, 0, 0] = 7
+    elif problem == "fractional label":
+        label = ds.read_image(case / "laendo.nrrd")[0].astype(np.float32)
+        label[0, 0, 0] = 0.5
         ds.write_image(label, props, case / "laendo.nrrd")
     elif problem == "NaN voxels":
         image = image.astype(np.float32)
@@ -221,9 +222,9 @@ def corrupt(data, problem):
 
 
 @pytest.mark.parametrize("problem, fragment", [
-    ("missing label", "laendo.nrrd"), ("non-binary label", "not a binary mask"), ("NaN voxels", "NaN"),
+    ("missing label", "laendo.nrrd"), ("fractional label", "whole numbers"), ("NaN voxels", "NaN"),
     ("shape mismatch", "label shape"), ("corrupt file", "cannot be read"), ("truncated voxels", "cannot be read"),
-    ("4D volume", "4D"), ("empty label", "label is empty")])
+    ("4D volume", "2 channel"), ("empty label", "label is empty")])
 def test_train_refuses_bad_data_with_one_line_and_writes_nothing(tiny_data, tmp_path, problem, fragment):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)

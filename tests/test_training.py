@@ -22,7 +22,7 @@ def test_region_crops_equal_crops_of_the_whole_volume(shape, size):
         for centre in centres:
             start = ds.crop_start(centre, size, shape)
             got_image, got_label = region.crop(centre, size)
-            np.testing.assert_array_equal(got_image, ds.crop(image, start, size, -9.0))
+            np.testing.assert_array_equal(got_image, ds.crop(image[None], start, size, -9.0))
             np.testing.assert_array_equal(got_label, ds.crop(label, start, size, 0))
             pred = rng.random(size) > 0.5
             assert region.dice(pred, centre) == pytest.approx(dice(ds.paste(pred, start, shape), label), abs=1e-12)

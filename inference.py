@@ -162,15 +162,32 @@ def locate(locator: torch.nn.Module, low: np.ndarray, pad_before, shape, factors
 GAUSSIAN_SIGMA = 1 / 8  # of the window per axis: the centre of a window counts most (nnU-Net's and MONAI's value)
 
 
+def gaussian_profile(n: int) -> np.ndarray:
+    """float64 (n,): a Gaussian centred on a window of n voxels, sigma = GAUSSIAN_SIGMA x n, 1 at
+    its peak (the middle voxel, or the two middle ones for even n, then just below 1)."""
+    x = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    g = np.exp(-0.5 * (x / (GAUSSIAN_SIGMA * n)) ** 2)
+    return g / g.max()
+
+
 def gaussian_weights(window) -> np.ndarray:
     """float32 weights of one window, the product of a Gaussian per axis centred on the window
     with sigma = GAUSSIAN_SIGMA x its size, 1 at the centre. Voxels near a window's edge, where
     a convolutional model sees least context, count least where windows overlap."""
     w = np.ones((), np.float64)
     for n in window:
-        x = np.arange(n, dtype=np.float64) - (n - 1) / 2
-        w = np.multiply.outer(w, np.exp(-0.5 * (x / (GAUSSIAN_SIGMA * n)) ** 2))
-    return (w / w.max()).astype(np.float32)
+        w = np.multiply.outer(w, gaussian_profile(n))
+    return w.astype(np.float32)
+
+
+def summed_profile(size: int, window: int, starts) -> np.ndarray:
+    """float64 (size,): the sum of the windows' Gaussian profiles along one axis. The weights
+    are a product over axes and the windows a grid of starts, so the summed weights of all
+    windows at a voxel are the product of the three axes' sums: three vectors, no volume."""
+    total, g = np.zeros(size), gaussian_profile(window)
+    for s in starts:
+        total[s:s + window] += g
+    return total
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -195,8 +212,8 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
     output before it is averaged; without one the logits are. `tta`: each window's output is
     the mean over it and its W-mirror (mirrored back). An axis shorter than its window is padded
     at its end with `pad_value` (a number, or one per channel) and cut back after.
-    One accumulator of K channels and one weight volume are held beside the input (no copy of
-    it unless it needs padding)."""
+    One accumulator of K channels is held beside the input (no copy of it unless it needs
+    padding); the summed weights are three vectors (`summed_profile`)."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap {overlap}: must lie in [0, 1)")
     channels, shape = volume.shape[0], volume.shape[1:]
@@ -207,10 +224,9 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
         x[...] = np.asarray(pad_value, np.float32).reshape(-1, 1, 1, 1)
         x[(slice(None), *(slice(0, n) for n in shape))] = volume
     weights = torch.from_numpy(gaussian_weights(window)).to(device)
-    starts = [(z, y, xx) for z in window_starts(padded_shape[0], window[0], overlap)
-              for y in window_starts(padded_shape[1], window[1], overlap)
-              for xx in window_starts(padded_shape[2], window[2], overlap)]
-    total, norm = None, torch.zeros(padded_shape, device=device)
+    axis_starts = [window_starts(n, w, overlap) for n, w in zip(padded_shape, window)]
+    starts = [(z, y, xx) for z in axis_starts[0] for y in axis_starts[1] for xx in axis_starts[2]]
+    total = None
     with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
         for i in range(0, len(starts), batch_size):
             boxes = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in starts[i:i + batch_size]]
@@ -228,11 +244,11 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
                 for j, box in enumerate(boxes):
                     total[(slice(None), *box)].addcmul_(out[j], weights)
                 del out  # before the next forward pass: one batch's outputs at a time
-            for box in boxes:
-                norm[box] += weights
             del batch
-    norm *= len(models)
-    total /= norm
+    total /= len(models)
+    for axis, (n, w, axis_start) in enumerate(zip(padded_shape, window, axis_starts)):
+        norm = torch.from_numpy(summed_profile(n, w, axis_start).astype(np.float32)).to(device)
+        total /= norm.reshape([-1 if a == axis else 1 for a in range(3)])  # in place: no volume of weights
     return total[(slice(None), *(slice(0, n) for n in shape))].cpu().numpy()
 
 
@@ -425,8 +441,8 @@ def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan"
     """Probabilities (out_channels, D, H, W) float32 on the grid of `image (C, D, H, W)`: the
     scan resampled to the models' spacing when its own differs, z-scored per channel as in
     training, a Gaussian-weighted sliding window over all of it, and the probabilities
-    resampled back (linear). Beside the image's C channels, the probabilities and one weight
-    volume are held: (C + out_channels + 1) float32 volumes at the models' spacing."""
+    resampled back (linear). Beside the image's C channels, the probabilities are held: C +
+    out_channels float32 volumes at the models' spacing (C + K + 1 for K softmax classes)."""
     if image.shape[0] != len(pipe.channels):
         raise UserError(f"{source}: has {image.shape[0]} channel(s), the model was trained on {len(pipe.channels)} "
                         f"({', '.join(pipe.channels)}); give scans of the same channels")

@@ -552,8 +552,9 @@ def sliding_window_lines(argv, devices, cases, rows, starts, mem, load_before, l
             f"{mem['predict_patches'] / MIB:,.0f} | {rise / MIB:,.0f} | {rise / volume:.1f} | {held / volume:.1f} | "
             f"{c + k + 2} ({bound / MIB:,.0f} MiB) | {held / bound:.2f} |",
             "",
-            f"The bound (C = {c} channels, K = {k} classes) counts the scan, the K + 1 accumulated probabilities "
-            "and the summed weights, as `predict_patches`' docstring states; the network's activations on "
+            f"The bound (C = {c} channels, K = {k} classes) allows the scan, the K + 1 accumulated probabilities "
+            "and one volume more (`predict_patches` holds the first two: its summed weights are three vectors); "
+            "the network's activations on "
             f"one batch of windows ({(mem['batch forward'] - mem['scan loaded']) / MIB:,.0f} MiB above "
             f"the loaded scan here) come on top. One batch of {SW_BATCH} windows, its input ({c} channels) or its "
             f"output ({k + 1}), is {SW_BATCH * c * np.prod(window) * 4 / volume:.1f} and "

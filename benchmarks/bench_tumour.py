@@ -27,6 +27,7 @@ import copy
 import csv
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -77,7 +78,8 @@ def parse_args(argv=None):
     t.add_argument("--batch_size", type=int, default=3)
     t.add_argument("--base_channels", type=int, default=4, help="our V-Net's width (train.py --base_channels)")
     t.add_argument("--monai_learning_rates", type=float, nargs="+", default=[1e-3, 3e-4],
-                   help="the peer trains once per rate (1e-3: MONAI's tutorials; 3e-4: ours)")
+                   help="the peer trains once per rate (1e-3: MONAI's tutorials and our patch strategy's default; "
+                        "3e-4: our two-stage default)")
     t.add_argument("--threads", type=int, default=2, help="torch threads, here and in our processes")
     o = p.add_argument_group("output")
     o.add_argument("--output", default=str(ROOT / "docs" / "experiments.md"), help="file whose section to replace")
@@ -128,7 +130,8 @@ def train_and_predict_ours(args, data: Path, test: Path, run_dir: Path, out: Pat
     arch = torch.load(run_dir / "segmenter" / "best.pt", map_location="cpu", weights_only=True)["config"]["arch"]
     return {"process_s": train_s, "loop_s": sum(float(r["seconds"]) for r in log), "predict_s": predict_s,
             "best_epoch": int(np.argmax(val)) + 1, "best_val": max(val), "dice": read_dice(out / "metrics.csv"),
-            "parameters": count_parameters(build_model(arch))}
+            "parameters": count_parameters(build_model(arch)),
+            "lr": json.loads((run_dir / "config.json").read_text())["segmenter"]["learning_rate"]}
 
 
 # ----------------------------------------------------------------------------- the MONAI peer
@@ -307,7 +310,8 @@ def report(args, argv, ours, peers, split, survey, load_before, load_after) -> l
         f"regions by `metrics.structure_metrics`, mean +- std over the {args.test_cases} cases.", "",
         f"Ours: `train.py --strategy patches --patch_size {' '.join(map(str, args.patch_size))} --base_channels "
         f"{args.base_channels} --max_epochs {args.max_epochs} --samples_per_epoch {args.samples_per_epoch}` (V-Net, "
-        "no normalisation layers, LSUV start; DiceCE; lr 3e-4 after a one-epoch warm-up, ReduceLROnPlateau), "
+        f"no normalisation layers, LSUV start; DiceCE; lr {ours['lr']:g} (train.py's default for the patch strategy) "
+        "after a one-epoch warm-up, ReduceLROnPlateau), "
         "`predict.py --regions ...` (Gaussian sliding window, overlap 0.5, probabilities averaged). MONAI: "
         f"`UNet({unet})` (instance norm, PReLU), `DiceCELoss(softmax=True, to_onehot_y=False, "
         "include_background=False)` on our one-hot targets, constant lr, `sliding_window_inference(roi_size="
@@ -316,8 +320,8 @@ def report(args, argv, ours, peers, split, survey, load_before, load_after) -> l
         "| method | parameters | steps | training s | best epoch (val Dice) | WT Dice | TC Dice | ET Dice |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rows = [(f"ours: V-Net, base_channels {args.base_channels}, lr 3e-4", ours["parameters"], steps, ours["loop_s"],
-             ours)]
+    rows = [(f"ours: V-Net, base_channels {args.base_channels}, lr {ours['lr']:g}", ours["parameters"], steps,
+             ours["loop_s"], ours)]
     rows += [(f"MONAI UNet, lr {p['lr']:g}", p["parameters"], p["steps"], p["loop_s"], p) for p in peers]
     for name, params, n, seconds, r in rows:
         dice = [mean_std(r["dice"][region]) for region, _ in REGIONS]

@@ -48,6 +48,17 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
     return _from_sitk(img, path)
 
 
+def _header(path: Path) -> sitk.ImageFileReader:
+    """A reader holding a file's header (size, spacing, origin, direction), its voxels not decoded."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    return reader
+
+
 def read_image_info(path: str | Path) -> tuple[tuple[int, int, int], dict]:
     """`(shape (D, H, W), props)` of a volume from its header alone, without decoding voxels
     (a DICOM series folder is read whole). Refuses what `read_image` refuses for its header."""
@@ -55,12 +66,7 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, int, int], dict]:
     if path.is_dir() or not path.is_file():
         array, props = read_image(path)
         return array.shape, props
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    reader = _header(path)
     _check_scalar_3d(reader.GetNumberOfComponents(), reader.GetDimension(), path)
     return tuple(reversed(reader.GetSize())), _props(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
@@ -155,12 +161,7 @@ def read_channels_info(path: str | Path) -> tuple[tuple[int, int, int], dict, in
     if path.is_dir() or not path.is_file():
         shape, props = read_image_info(path)
         return shape, props, 1
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    reader = _header(path)
     if reader.GetDimension() != 4:
         shape, props = read_image_info(path)
         return shape, props, 1

@@ -215,6 +215,15 @@ def make_phantom(shape=(48, 128, 128), spacing=(0.625, 0.625, 0.625), rng=None) 
     return image.astype(np.float32), label.astype(np.uint8)
 
 
+def case_geometry(rng: np.random.Generator, spacing) -> dict:
+    """A phantom's geometry (`dataset.read_image`'s props): `spacing`, an origin tens of mm from
+    zero and a direction matrix rotated 5-20 degrees about a random axis."""
+    direction = _rotation(rng.normal(size=3), np.deg2rad(rng.uniform(5, 20)))
+    origin = rng.uniform(20, 120, 3) * rng.choice([-1, 1], 3)
+    return {"spacing": tuple(float(s) for s in spacing), "origin": tuple(float(o) for o in origin),
+            "direction": tuple(float(d) for d in direction.ravel())}
+
+
 def write_phantom_dataset(out_dir, num_cases=10, shapes=((48, 128, 128),), spacing=(0.625, 0.625, 0.625),
                           seed=0) -> list[str]:
     """Write `num_cases` phantoms in the LASC layout: `<out_dir>/case_XXX/lgemri.nrrd` (uint8
@@ -226,10 +235,7 @@ def write_phantom_dataset(out_dir, num_cases=10, shapes=((48, 128, 128),), spaci
     for i in range(num_cases):
         rng = np.random.default_rng([seed, i])
         image, label = make_phantom(shapes[i % len(shapes)], spacing, rng)
-        direction = _rotation(rng.normal(size=3), np.deg2rad(rng.uniform(5, 20)))
-        origin = rng.uniform(20, 120, 3) * rng.choice([-1, 1], 3)
-        props = {"spacing": tuple(float(s) for s in spacing), "origin": tuple(float(o) for o in origin),
-                 "direction": tuple(float(d) for d in direction.ravel())}
+        props = case_geometry(rng, spacing)
         case_id = f"case_{i:03d}"
         write_image(np.rint(image).astype(np.uint8), props, out_dir / case_id / "lgemri.nrrd")
         write_image(label * np.uint8(255), props, out_dir / case_id / "laendo.nrrd")

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from dataset import write_image
+from synthetic import _rotation, case_geometry
 from utils import write_json
 
 MIN_SIDE = 24  # voxels per axis; below this the enhancing rim and the ventricles no longer resolve
@@ -50,13 +51,6 @@ CONTRAST = np.array([
     [0.0, 1.00, 0.80, 0.35, 1.55, 0.85, 0.80, 0.50, 1.60],  # T1-Gd
     [0.0, 1.00, 1.35, 2.30, 0.55, 1.60, 1.90, 2.00, 1.50],  # T2w
 ], np.float32)
-
-
-def _rotation(axis, angle: float) -> np.ndarray:
-    """Rotation matrix (3, 3) by `angle` radians about `axis` (Rodrigues); det +1."""
-    k = np.asarray(axis, float) / np.linalg.norm(axis)
-    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
 
 
 def _unit(rng: np.random.Generator) -> np.ndarray:
@@ -338,10 +332,7 @@ def write_tumour_dataset(out_dir, num_cases=10, shapes=((64, 96, 96),), spacing=
     for i in range(num_cases):
         rng = np.random.default_rng([seed, i])
         image, label = make_tumour_phantom(shapes[i % len(shapes)], spacing, rng)
-        direction = _rotation(rng.normal(size=3), np.deg2rad(rng.uniform(5, 20)))
-        origin = rng.uniform(20, 120, 3) * rng.choice([-1, 1], 3)
-        props = {"spacing": tuple(float(s) for s in spacing), "origin": tuple(float(o) for o in origin),
-                 "direction": tuple(float(d) for d in direction.ravel())}
+        props = case_geometry(rng, spacing)
         case_id = f"BRATS_{i:03d}"
         # float32, MSD Task01's own type: the files then read back exactly as generated.
         if layout == "msd":

@@ -552,3 +552,34 @@ def test_predict_patches_makes_no_copy_of_the_scan():
     short = rng.random((4, 30, 96, 96), dtype=np.float32)
     _, peak = traced_peak(short)
     assert peak >= 4 * 32 * 96 * 96 * 4  # the padded (C, 32, 96, 96) copy
+
+
+# ----------------------------------------------------------------------------- the two-stage strategy
+
+def test_two_stage_trains_on_four_channels_and_writes_the_declared_classes(msd_data, tmp_path):
+    """The locator sees the four channels and learns the whole tumour; the segmenter a softmax
+    over the three classes on its crop; predict.py writes label maps of the declared values on
+    each scan's 3D grid, one probability map per class, and rows per class and region."""
+    run = tmp_path / "run"
+    train_ok("--data_dir", msd_data, "--output_dir", run, "--base_channels", "2", "--max_epochs", "1",
+             "--locator_max_epochs", "1", "--samples_per_epoch", "2", "--locator_samples_per_epoch", "2",
+             "--padding", "4", "4", "4", "--device", "cpu")
+    locator = torch.load(run / "locator" / "best.pt", weights_only=True)
+    segmenter = torch.load(run / "segmenter" / "best.pt", weights_only=True)
+    assert locator["config"]["arch"]["in_channels"] == 4 and locator["config"]["arch"]["out_channels"] == 1
+    assert segmenter["config"]["arch"]["in_channels"] == 4 and segmenter["config"]["arch"]["out_channels"] == 4
+    assert segmenter["config"]["loss"] == "DiceCE" and segmenter["config"]["normalization"] == ["nonzero"] * 4
+    out = tmp_path / "out"
+    predict_ok("--data_dir", msd_data, "--output_dir", out, "--locator_path", run / "locator" / "best.pt",
+               "--segmenter_path", run / "segmenter" / "best.pt", "--device", "cpu", "--save_probabilities",
+               "--regions", "whole_tumour=1,2,3")
+    for case in ds.find_cases(msd_data, require_labels=True):
+        mask, props = ds.read_image(out / f"{case.case_id}.nrrd")
+        _, label_props = ds.read_image(case.label)
+        assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) <= {0, 1, 2, 3}
+        assert mask.shape == SHAPE and ds.same_geometry(props, label_props)
+        assert sorted(p.name for p in out.glob(f"{case.case_id}_prob_*")) == [
+            f"{case.case_id}_prob_{n}.nrrd" for n in ("edema", "enhancing_tumour", "non-enhancing_tumor")]
+    with open(out / "metrics.csv") as f:
+        structures = [line.split(",")[1] for line in f.read().splitlines()[1:5]]
+    assert structures == ["edema", "non-enhancing tumor", "enhancing tumour", "whole_tumour"]

@@ -73,3 +73,21 @@ def test_only_the_hybrid_loss_has_a_dice_weight_schedule(loss, scheduled):
                                       samples_per_epoch=None, loss_criterion=loss, augment=Augmenter())
     assert (settings.schedule() is not None) is scheduled
     assert settings.samples(5) == 5 * training.SAMPLES_PER_CASE
+
+
+@pytest.mark.parametrize("regions", [(), (("whole", (1, 2, 3)), ("core", (2, 3)), ("enhancing", (3,)))])
+def test_region_dice_of_several_classes_is_the_mean_over_outputs_of_the_whole_volume(regions):
+    from labels import Labels
+    labels = Labels((1, 2, 3), ("a", "b", "c"))
+    labels = labels.with_regions(regions) if regions else labels
+    rng = np.random.default_rng(1)
+    shape, size = (12, 30, 40), (8, 16, 16)
+    image = rng.standard_normal((2, *shape)).astype(np.float32)
+    label = rng.integers(0, 4, shape).astype(np.uint8)
+    centre = (6, 15, 20)
+    region = training.cut_region(image, [0.0, 0.0], label, [centre], size, num_classes=3)
+    pred = rng.integers(0, 4, size).astype(np.uint8)
+    full = ds.paste(pred, ds.crop_start(centre, size, shape), shape)
+    groups = [(1,), (2,), (3,)] if not regions else [(1, 2, 3), (2, 3), (3,)]
+    expected = np.mean([dice(np.isin(full, g), np.isin(label, g)) for g in groups])
+    assert region.dice(pred, centre, labels) == pytest.approx(expected, abs=1e-12)

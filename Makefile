@@ -1,13 +1,17 @@
 # Two commands for a fresh machine (each sets up .venv first):
 #   make demo   phantoms -> train both stages -> predict held-out phantoms -> evaluate
 #   make test   the lint check and the test suite (what CI runs)
+#   make demo-tumour   brain-tumour phantoms (4 channels, 3 classes) -> patch strategy -> per-class metrics
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN := runs/demo
 DEMO_DATA := data/phantoms data/phantoms_test
+TUMOUR_RUN := runs/demo_tumour
+TUMOUR_DATA := data/brain_tumour data/brain_tumour_test
+REGIONS := whole_tumour=1,2,3 tumour_core=2,3 enhancing=3
 
-.PHONY: demo test lint setup clean
+.PHONY: demo demo-tumour test lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +30,15 @@ demo: setup
 		--locator_path $(RUN)/locator/best.pt --segmenter_path $(RUN)/segmenter/best.pt --tta --largest_component
 	$(PY) evaluate.py --pred_dir $(RUN)/predictions --data_dir data/phantoms_test
 
+demo-tumour: setup
+	$(PY) phantoms.py --kind brain_tumour --out_dir data/brain_tumour --num_cases 40 --seed 0 --overwrite
+	$(PY) phantoms.py --kind brain_tumour --out_dir data/brain_tumour_test --num_cases 10 --seed 1000 --overwrite
+	$(PY) train.py --data_dir data/brain_tumour --output_dir $(TUMOUR_RUN) --overwrite --device cpu --strategy patches \
+		--patch_size 32 64 64 --base_channels 4 --max_epochs 20 --samples_per_epoch 48
+	$(PY) predict.py --data_dir data/brain_tumour_test --output_dir $(TUMOUR_RUN)/predictions --overwrite --device cpu \
+		--segmenter_path $(TUMOUR_RUN)/segmenter/best.pt
+	$(PY) evaluate.py --pred_dir $(TUMOUR_RUN)/predictions --data_dir data/brain_tumour_test --regions $(REGIONS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -34,4 +47,4 @@ test: lint
 
 # What `make demo` and the set-up wrote, nothing else (your own data under data/ stays).
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) $(RUN)
+	rm -rf $(VENV) $(DEMO_DATA) $(RUN) $(TUMOUR_DATA) $(TUMOUR_RUN)

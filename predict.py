@@ -1,4 +1,4 @@
-"""Segment the left atrium with a trained locator and segmenter; write one mask per scan.
+"""Segment the left atrium (or the classes a checkpoint learned) in each scan; write one mask per scan.
 
     python predict.py --data_dir DATA --locator_path RUN/locator/best.pt \
         --segmenter_path RUN/segmenter/best.pt --output_dir OUT [--tta] [--largest_component] \
@@ -6,6 +6,8 @@
     python predict.py --input scan.nrrd --output mask.nrrd --locator_path L.pt --segmenter_path S.pt
     python predict.py --input DICOM_SERIES_FOLDER scan2.nii.gz --output_dir OUT ...
     python predict.py --data_dir DATA --run RUN --folds 0 1 2 3 4 --output_dir OUT   # fold ensemble
+    python predict.py --data_dir TUMOURS --segmenter_path RUN/segmenter/best.pt --output_dir OUT \
+        --regions whole_tumour=1,2,3 tumour_core=2,3 enhancing=3      # the patch strategy: no locator
 
 Per scan: resample to the training spacing if it differs -> z-score -> pad and downscale ->
 locator -> centre of its largest component -> fixed-size crop -> segmenter -> paste into a
@@ -17,6 +19,11 @@ architecture and pre-processing come from the checkpoints, so there are no
 model flags. One case is in memory at a time; a case that fails is reported and the others go
 on (exit status 1 at the end). With labels present, OUT/metrics.csv holds the per-case metrics
 and their mean +- std is printed.
+
+Scans of C channels and K classes (docs/multiclass.md) go the same way with each channel
+z-scored by the checkpoint's rule; a patch-strategy checkpoint replaces locator and crop by a
+Gaussian-weighted sliding window over the whole scan. The mask then holds the dataset's label
+values, and metrics.csv a row per case and class or region.
 """
 from __future__ import annotations
 

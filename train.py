@@ -9,6 +9,13 @@ Full size on the LASC 2018 data, with the reference's hyper-parameters (the defa
 
     python train.py --data_dir /data/LASC2018/Training_Set --output_dir runs/lasc --device cuda
 
+Several channels and classes (MSD / nnU-Net layouts, dataset.json; docs/multiclass.md): the same
+two stages (the locator learns all classes' foreground), or one network on foreground-biased
+random patches, predicted with a sliding window:
+
+    python train.py --data_dir TUMOURS --output_dir RUN --strategy patches --patch_size 32 64 64 \
+        [--regions whole_tumour=1,2,3 tumour_core=2,3 enhancing=3]
+
 k-fold cross-validation (nnU-Net's splits_final.json; one run folder per fold, each ending with
 the prediction of its validation cases):
 

@@ -127,6 +127,17 @@ def _neighbours(rng: np.random.Generator, semi) -> list:
     return pairs
 
 
+def check_phantom_args(shape, spacing, rng, min_side: int) -> tuple[tuple[int, int, int], np.random.Generator]:
+    """A phantom's shape as ints and its generator, or ValueError for a shape with an axis under
+    `min_side` voxels or a spacing that is not three positive sizes."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < min_side:
+        raise ValueError(f"shape {shape}: expected (D, H, W) with at least {min_side} voxels per axis")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing {tuple(spacing)}: expected three positive values (sz, sy, sx) mm")
+    return shape, np.random.default_rng(rng)
+
+
 def make_phantom(shape=(48, 128, 128), spacing=(0.625, 0.625, 0.625), rng=None) -> tuple[np.ndarray, np.ndarray]:
     """One phantom: `(image float32 (D, H, W) in [0, 255], label uint8 (D, H, W) in {0, 1})`.
 
@@ -135,12 +146,7 @@ def make_phantom(shape=(48, 128, 128), spacing=(0.625, 0.625, 0.625), rng=None) 
     entropy). `spacing` (sz, sy, sx) mm does not change the anatomy, which scales with the
     shape in voxels; it is accepted so that callers can pass a case's geometry unchanged.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < MIN_SIDE:
-        raise ValueError(f"shape {shape}: expected (D, H, W) with at least {MIN_SIDE} voxels per axis")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing {tuple(spacing)}: expected three positive values (sz, sy, sx) mm")
-    rng = np.random.default_rng(rng)
+    shape, rng = check_phantom_args(shape, spacing, rng, MIN_SIDE)
     n = np.array(shape, float)
     air, tissue, lung, fat = rng.uniform(0, 8), rng.uniform(60, 90), rng.uniform(15, 30), rng.uniform(100, 140)
     blood, myo, scar = rng.uniform(110, 150), rng.uniform(30, 50), rng.uniform(170, 230)

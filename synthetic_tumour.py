@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from dataset import write_image
-from synthetic import _rotation, case_geometry
+from synthetic import _rotation, case_geometry, check_phantom_args
 from utils import write_json
 
 MIN_SIDE = 24  # voxels per axis; below this the enhancing rim and the ventricles no longer resolve
@@ -241,12 +241,7 @@ def make_tumour_phantom(shape=(64, 96, 96), spacing=(1.0, 1.0, 1.0), rng=None) -
     semi-axes are fractions of the field of view in mm. `rng` is a `numpy.random.Generator` (or a
     seed, or None for fresh entropy). About 0.25 s for the default shape on one CPU core.
     """
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 3 or min(shape) < MIN_SIDE:
-        raise ValueError(f"shape {shape}: expected (D, H, W) with at least {MIN_SIDE} voxels per axis")
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing {tuple(spacing)}: expected three positive values (sz, sy, sx) mm")
-    rng = np.random.default_rng(rng)
+    shape, rng = check_phantom_args(shape, spacing, rng, MIN_SIDE)
     fov = np.array(shape) * np.asarray(spacing, float)
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]  # mm about the grid's centre
     tissue, brain, to_volume, semi = _head(axes, fov, spacing, rng)

@@ -12,6 +12,7 @@ per channel.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,11 +192,13 @@ def add_augment_args(group) -> None:
                        help="largest elastic displacement of a control point, full-resolution voxels")
     group.add_argument("--elastic_grid", type=int, default=a.elastic_grid,
                        help="elastic control points per axis (fewer: smoother, larger-scale deformation)")
-    group.add_argument("--p_scale", type=float, default=a.p_scale, help="probability of an intensity scaling")
+    group.add_argument("--p_scale", type=float,
+                       help=f"probability of an intensity scaling (unset: {a.p_scale:g}, or the caller's default)")
     group.add_argument("--max_scale", type=float, default=a.max_scale,
                        help="intensity factor drawn from [1 - max_scale, 1 + max_scale]")
-    group.add_argument("--max_offset", type=float, default=a.max_offset,
-                       help="intensity offset drawn from [-max_offset, +max_offset], in z-score units")
+    group.add_argument("--max_offset", type=float,
+                       help="intensity offset drawn from [-max_offset, +max_offset], in z-score units "
+                            f"(unset: {a.max_offset:g}, or the caller's default)")
     group.add_argument("--p_noise", type=float, default=a.p_noise, help="probability of additive Gaussian noise")
     group.add_argument("--noise_std", type=float, default=a.noise_std, help="noise std, in z-score units")
     group.add_argument("--augmentation_grid", metavar="PATH",
@@ -210,6 +213,9 @@ def augmenter_from_args(args, voxel_scale: float = 1.0) -> Augmenter:
     magnitudes, given in full-resolution voxels, are divided by it. A translation that is on
     stays at least 1 voxel: 5 / 4 -> 1.
     """
+    unset = Augmenter()
+    args = argparse.Namespace(**{**vars(args), "p_scale": unset.p_scale if args.p_scale is None else args.p_scale,
+                                 "max_offset": unset.max_offset if args.max_offset is None else args.max_offset})
     for name in ("p_flip", "p_rotate", "p_translate", "p_elastic", "p_scale", "p_noise"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name} {getattr(args, name)}: a probability must lie in [0, 1]")

@@ -393,6 +393,10 @@ def read_survey(args, cases, split: dict, need_foreground: bool = True) -> train
         args.loss_criterion = "Dice" if reference else "DiceCE"
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.strategy == "two_stage" else 1e-3
+    if args.p_scale is None:  # scans of several sequences vary in contrast per channel (docs/multiclass.md)
+        args.p_scale = 0.0 if reference else 0.5
+    if args.max_offset is None:
+        args.max_offset = 0.0 if reference else 0.1
     if len(survey.channels) > 1 or not survey.labels.binary:
         print(f"{len(survey.channels)} channel(s) ({', '.join(survey.channels)}), z-scored "
               f"{'/'.join(survey.normalization)}; classes {dict(zip(survey.labels.values, survey.labels.names))}"

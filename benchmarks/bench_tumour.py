@@ -3,7 +3,7 @@ same training patches and the same number of steps. Ours runs as a user runs it 
 then `train.py --strategy patches` and `predict.py`, each a process of its own) and is read from
 OUT/metrics.csv. The peer, `monai.networks.nets.UNet` (instance norm, residual units), trains in
 this process on the patches our own modules draw (`training.PatchSet` with the same split,
-`EpochSampler` seeds and `augment.Augmenter()` defaults, so every batch is ours, voxel for
+`EpochSampler` seeds and the augmentation train.py recorded in RUN/config.json, so every batch is ours, voxel for
 voxel) with MONAI's `DiceCELoss` and Adam at MONAI's tutorials' learning rate and at ours, keeps
 the epoch of best validation Dice as our training does, and predicts the held-out phantoms with
 MONAI's Gaussian `sliding_window_inference`; `metrics.structure_metrics` scores both. Writes its
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import dataset as ds  # noqa: E402
 import splits  # noqa: E402
 import training  # noqa: E402
-from augment import Augmenter  # noqa: E402
+from augment import augmenter_from_args  # noqa: E402
 from common import cpu_name, publish  # noqa: E402  (benchmarks/ is sys.path[0])
 from metrics import STRUCTURE, structure_metrics  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
@@ -251,9 +251,12 @@ def main(argv=None):
     ours_split = splits.read_splits(run_dir / "split.json", [c.case_id for c in cases])[0][0]
     assert split == ours_split, f"split {split} differs from train.py's {ours_split}"
     patch = tuple(args.patch_size)
+    # The peer's patches augmented exactly as ours were: train.py's resolved flags.
+    recorded = argparse.Namespace(**json.loads((run_dir / "config.json").read_text())["segmenter"])
     settings = training.PatchSettings(batch_size=args.batch_size, learning_rate=0.0, patience=0, reduce=0.5,
                                       max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch,
-                                      loss_criterion="DiceCE", augment=Augmenter(), patch_size=patch, seed=args.seed,
+                                      loss_criterion="DiceCE", augment=augmenter_from_args(recorded),
+                                      patch_size=patch, seed=args.seed,
                                       activation=survey.labels.activation)
     by_id = {c.case_id: c for c in cases}
     ids = split["train"] + split["val"]
@@ -304,7 +307,8 @@ def report(args, argv, ours, peers, split, survey, load_before, load_after) -> l
         f"{len(split['train'])} train, {len(split['val'])} validate), {args.test_cases} held-out phantoms (seed "
         f"{args.seed + 1000}). Both methods: the same {steps} steps of {args.batch_size} patches "
         f"{'x'.join(map(str, args.patch_size))} ({args.max_epochs} epochs of {args.samples_per_epoch}; the same "
-        f"patches, drawn by `training.PatchSet`, augmented by `Augmenter()`), softmax over background and "
+        f"patches, drawn by `training.PatchSet`, augmented as train.py's config.json records), softmax over "
+        "background and "
         f"{survey.labels.num_classes} classes, Dice + cross-entropy, Adam, the epoch of best validation Dice (mean "
         f"over the classes, sliding window over the validation scans) kept; held-out Dice of the label maps' "
         f"regions by `metrics.structure_metrics`, mean +- std over the {args.test_cases} cases.", "",

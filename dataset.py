@@ -641,9 +641,9 @@ def pad_symmetric(array: np.ndarray, shape, value=0.0) -> tuple[np.ndarray, tupl
     (C, D, H, W) is padded alike in every channel, `value` then one number or one per channel."""
     lead = array.shape[:array.ndim - len(shape)]
     if lead:
-        out = np.stack([pad_symmetric(channel, shape, v)[0] for channel, v in
-                        zip(array, np.broadcast_to(np.asarray(value, np.float64), lead))])
-        return out, pad_symmetric(array[0], shape)[1] if len(array) else None
+        values = np.broadcast_to(np.asarray(value, np.float64), lead)
+        padded = [pad_symmetric(channel, shape, v) for channel, v in zip(array, values)]
+        return np.stack([p for p, _ in padded]), padded[0][1]
     pad_before = tuple((t - s) // 2 for s, t in zip(array.shape, shape))
     assert min(pad_before) >= 0, f"cannot pad {array.shape} to smaller {tuple(shape)}"
     widths = [(b, t - s - b) for b, s, t in zip(pad_before, array.shape, shape)]

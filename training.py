@@ -523,15 +523,11 @@ class PatchSet(torch.utils.data.Dataset):
 
 
 def mean_dice(probs: np.ndarray, label: np.ndarray, labels: Labels) -> float:
-    """Mean Dice over the foreground outputs (classes for softmax, regions for sigmoid) of the
-    network's probabilities (out_channels, D, H, W) against class indices (D, H, W)."""
-    target = labels.target(label)
-    if labels.activation == "softmax":
-        pred = labels.target(np.argmax(probs, axis=0).astype(np.uint8))[1:] > 0
-        target = target[1:]
-    else:
-        pred = probs >= 0.5
-    return float(np.mean([dice(p, t) for p, t in zip(pred, target)]))
+    """Mean Dice over the foreground outputs (`output_classes`) of the label map that the
+    network's probabilities (out_channels, D, H, W) give, against class indices (D, H, W): what
+    prediction writes, scored as the two-stage validation scores its crops (`Region.dice`)."""
+    pred = labels.to_indices(labels.label_map(probs))
+    return float(np.mean([dice(np.isin(pred, g), np.isin(label, g)) for g in output_classes(labels)]))
 
 
 def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase | None], split,

@@ -136,8 +136,8 @@ def _spatial_props(spacing, origin, direction, dimension: int) -> dict:
 
 def read_image_channels(path: str | Path) -> tuple[np.ndarray, dict]:
     """Read a multi-channel volume: a 4D file of C channels (the MSD layout, channels last in
-    (x, y, z, c) order) or a 3D scalar volume (one channel). Returns `(array (C, D, H, W),
-    props)` with the 3D geometry of `read_image`."""
+    (x, y, z, c) order), a 3D file of C-component vector voxels, or a 3D scalar volume (one
+    channel). Returns `(array (C, D, H, W), props)` with the 3D geometry of `read_image`."""
     path = Path(path)
     if path.is_dir() or not path.is_file():
         array, props = read_image(path)
@@ -146,6 +146,9 @@ def read_image_channels(path: str | Path) -> tuple[np.ndarray, dict]:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise UserError(f"{path}: cannot be read as an image ({_sitk_reason(e)}); replace the corrupt file") from None
+    if img.GetDimension() == 3 and img.GetNumberOfComponentsPerPixel() > 1:  # channels as vector voxels
+        array = np.moveaxis(sitk.GetArrayFromImage(img), -1, 0)  # (D, H, W, C) -> (C, D, H, W)
+        return np.ascontiguousarray(array), _props(img.GetSpacing(), img.GetOrigin(), img.GetDirection())
     if img.GetDimension() != 4:
         array, props = _from_sitk(img, path)
         return array[None], props
@@ -162,6 +165,9 @@ def read_channels_info(path: str | Path) -> tuple[tuple[int, int, int], dict, in
         shape, props = read_image_info(path)
         return shape, props, 1
     reader = _header(path)
+    if reader.GetDimension() == 3 and reader.GetNumberOfComponents() > 1:  # channels as vector voxels
+        props = _props(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+        return tuple(reversed(reader.GetSize())), props, int(reader.GetNumberOfComponents())
     if reader.GetDimension() != 4:
         shape, props = read_image_info(path)
         return shape, props, 1

@@ -583,3 +583,20 @@ def test_two_stage_trains_on_four_channels_and_writes_the_declared_classes(msd_d
     with open(out / "metrics.csv") as f:
         structures = [line.split(",")[1] for line in f.read().splitlines()[1:5]]
     assert structures == ["edema", "non-enhancing tumor", "enhancing tumour", "whole_tumour"]
+
+
+def test_a_vector_image_reads_as_channels_like_a_4d_image(tmp_path):
+    """Channels stored as vector voxels (SimpleITK's, or a NIfTI of dim 5) read as the 4D image's."""
+    import SimpleITK as sitk
+    rng = np.random.default_rng(0)
+    image = rng.random((3, 5, 6, 7)).astype(np.float32)
+    props = {"spacing": (2.0, 1.0, 0.5), "origin": (1.0, 2.0, 3.0), "direction": (0, 1, 0, 1, 0, 0, 0, 0, 1)}
+    ds.write_image(image, props, tmp_path / "four_d.nii.gz")
+    vector = sitk.GetImageFromArray(np.moveaxis(image, 0, -1), isVector=True)
+    vector.CopyInformation(ds.to_sitk(image[0], props))
+    sitk.WriteImage(vector, str(tmp_path / "vector.nrrd"))
+    a, a_props = ds.read_image_channels(tmp_path / "four_d.nii.gz")
+    b, b_props = ds.read_image_channels(tmp_path / "vector.nrrd")
+    np.testing.assert_array_equal(a, b)
+    assert ds.same_geometry(a_props, b_props)
+    assert ds.read_channels_info(tmp_path / "vector.nrrd")[::2] == ((5, 6, 7), 3)

@@ -168,9 +168,10 @@ def read_channels_info(path: str | Path) -> tuple[tuple[int, int, int], dict, in
     if reader.GetDimension() == 3 and reader.GetNumberOfComponents() > 1:  # channels as vector voxels
         props = _props(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
         return tuple(reversed(reader.GetSize())), props, int(reader.GetNumberOfComponents())
-    if reader.GetDimension() != 4:
-        shape, props = read_image_info(path)
-        return shape, props, 1
+    if reader.GetDimension() != 4:  # a 3D scalar volume: refused as read_image_info refuses it
+        _check_scalar_3d(reader.GetNumberOfComponents(), reader.GetDimension(), path)
+        return tuple(reversed(reader.GetSize())), _props(reader.GetSpacing(), reader.GetOrigin(),
+                                                         reader.GetDirection()), 1
     if reader.GetNumberOfComponents() != 1:
         raise UserError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; expected scalar voxels")
     size = reader.GetSize()

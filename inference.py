@@ -290,32 +290,39 @@ def _channels(config: dict) -> tuple:
     return config["arch"].get("in_channels"), config["arch"].get("out_channels")
 
 
+def _agree_segmenters(ckpts: list[tuple[Path, dict]], flag: str) -> None:
+    """The segmenters of an ensemble (either strategy) share their input and classes."""
+    _agree(ckpts, flag, "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
+    _agree(ckpts, flag, "input channels and classes", _channels)
+    _agree(ckpts, flag, "patch sizes", lambda c: list(c["patch_size"]))
+    _agree(ckpts, flag, "channels, normalisation and classes", input_record)
+
+
 def load_two_stage(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
-                   average: str = "probabilities", flags=("--locator_path", "--segmenter_path")) -> TwoStage:
+                   average: str = "probabilities", flags=("--locator_path", "--segmenter_path"),
+                   segmenter_ckpts=None) -> TwoStage:
     """The models of one checkpoint per stage, or of several (a fold ensemble) that agree on
-    their input (spacing, downscaling or patch size, channels and classes)."""
-    stages = []
-    for role, paths, flag in (("locator", locator_paths, flags[0]), ("segmenter", segmenter_paths, flags[1])):
-        ckpts = [(p, load_checkpoint(p, role, flag)) for p in _as_paths(paths)]
-        if not ckpts:
-            raise UserError(f"{flag}: no checkpoint given")
-        _agree(ckpts, flag, "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
-        _agree(ckpts, flag, "input channels and classes", _channels)
-        if role == "locator":
-            _agree(ckpts, flag, "scale factors", lambda c: list(ds.downscale_factors(c["scale_factor"])))
-        else:
-            _agree(ckpts, flag, "patch sizes", lambda c: list(c["patch_size"]))
-        stages.append(ckpts)
-    (loc_path, loc), (seg_path, seg) = stages[0][0], stages[1][0]
+    their input (spacing, downscaling or patch size, channels and classes); `segmenter_ckpts`:
+    the segmenters' (path, checkpoint) pairs when already loaded."""
+    locators = [(p, load_checkpoint(p, "locator", flags[0])) for p in _as_paths(locator_paths or [])]
+    if not locators:
+        raise UserError(f"{flags[0]}: no checkpoint given")
+    _agree(locators, flags[0], "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
+    _agree(locators, flags[0], "input channels and classes", _channels)
+    _agree(locators, flags[0], "scale factors", lambda c: list(ds.downscale_factors(c["scale_factor"])))
+    segmenters = segmenter_ckpts or [(p, load_checkpoint(p, "segmenter", flags[1])) for p in _as_paths(segmenter_paths)]
+    if not segmenters:
+        raise UserError(f"{flags[1]}: no checkpoint given")
+    _agree_segmenters(segmenters, flags[1])
+    (loc_path, loc), (seg_path, seg) = locators[0], segmenters[0]
     if not ds.same_spacing(loc["config"]["spacing"], seg["config"]["spacing"]):
         raise UserError(f"{flags[0]} {loc_path} and {flags[1]} {seg_path} were trained at "
                         "different spacings; use the two checkpoints of one run")
     if _channels(loc["config"])[0] != _channels(seg["config"])[0]:
         raise UserError(f"{flags[0]} {loc_path} and {flags[1]} {seg_path} take different input channels; "
                         "use the two checkpoints of one run")
-    _agree(stages[1], flags[1], "channels and classes", input_record)
     channels, normalization, labels = input_record(seg["config"])
-    return TwoStage([load_model(c, p, device) for p, c in stages[0]], [load_model(c, p, device) for p, c in stages[1]],
+    return TwoStage([load_model(c, p, device) for p, c in locators], [load_model(c, p, device) for p, c in segmenters],
                     ds.downscale_factors(loc["config"]["scale_factor"]), tuple(seg["config"]["patch_size"]),
                     tuple(seg["config"]["spacing"]), device, tta, average, channels, tuple(normalization),
                     Labels.from_record(labels))
@@ -364,19 +371,27 @@ def predict_two_stage(pipe: TwoStage, image: np.ndarray, props: dict,
     if image.ndim == 3:
         prob, location = predict_two_stage(pipe, image[None], props, source)
         return prob[0], location
-    if image.shape[0] != len(pipe.channels):
-        raise UserError(f"{source}: has {image.shape[0]} channel(s), the model was trained on {len(pipe.channels)} "
-                        f"({', '.join(pipe.channels)}); give scans of the same channels")
+    _check_channels(pipe, image, source)
     resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
     work = ds.resample_channels(image, props, pipe.spacing) if resampled else image.astype(np.float32, copy=True)
     pad_value = ds.normalise(work, pipe.normalization)
     location = locate_scan(pipe, work, pad_value)
     prob = segment_at(pipe, work, pad_value, location.centre)
     del work
-    if resampled:
-        work_props = {**props, "spacing": tuple(pipe.spacing)}
-        prob = np.stack([ds.resample_onto(p, work_props, image.shape[1:], props, label=False) for p in prob])
-    return prob, location
+    return _back_onto(prob, pipe.spacing, image, props) if resampled else prob, location
+
+
+def _check_channels(pipe, image: np.ndarray, source) -> None:
+    if image.shape[0] != len(pipe.channels):
+        raise UserError(f"{source}: has {image.shape[0]} channel(s), the model was trained on {len(pipe.channels)} "
+                        f"({', '.join(pipe.channels)}); give scans of the same channels")
+
+
+def _back_onto(probs: np.ndarray, spacing, image: np.ndarray, props: dict) -> np.ndarray:
+    """Probabilities (K, ...) at the models' `spacing` resampled (linear) onto the grid of
+    `image (C, D, H, W)` with `props`."""
+    work_props = {**props, "spacing": tuple(spacing)}
+    return np.stack([ds.resample_onto(p, work_props, image.shape[1:], props, label=False) for p in probs])
 
 
 # ----------------------------------------------------------------------------- the patch strategy
@@ -405,11 +420,7 @@ def strategy_of(ckpt: dict) -> str:
 def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool = False, overlap: float | None = None,
                  batch_size: int = 4, flag: str = "--segmenter_path") -> Patches:
     """The patch strategy's models of checkpoints that agree on their input and classes."""
-    _agree(ckpts, flag, "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
-    _agree(ckpts, flag, "input channels and classes", _channels)
-    _agree(ckpts, flag, "patch sizes", lambda c: list(c["patch_size"]))
-    _agree(ckpts, flag, "channels and normalisation", lambda c: (c["channels"], c["normalization"]))
-    _agree(ckpts, flag, "classes", lambda c: c["labels"])
+    _agree_segmenters(ckpts, flag)
     config = ckpts[0][1]["config"]
     overlap = config.get("overlap", 0.5) if overlap is None else overlap
     return Patches([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]), tuple(config["spacing"]),
@@ -419,9 +430,10 @@ def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool
 
 def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
                   average: str = "probabilities", flags=("--locator_path", "--segmenter_path"),
-                  overlap: float | None = None, batch_size: int = 4) -> TwoStage | Patches:
+                  overlap: float | None = None, batch_size: int = 4, default_locators=()) -> TwoStage | Patches:
     """The strategy the segmenter checkpoints record, with its models: the patch strategy
-    needs no locator (giving one is an error), the two-stage one both."""
+    needs no locator (giving one is an error), the two-stage one both (`default_locators`
+    when none is given)."""
     ckpts = [(p, load_checkpoint(p, "segmenter", flags[1])) for p in _as_paths(segmenter_paths)]
     if not ckpts:
         raise UserError(f"{flags[1]}: no checkpoint given")
@@ -434,7 +446,7 @@ def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: boo
             raise UserError(f"{flags[0]}: {ckpts[0][0]} was trained with --strategy patches, which needs no "
                             f"locator; drop {flags[0]}")
         return load_patches(ckpts, device, tta, overlap, batch_size, flags[1])
-    return load_two_stage(locator_paths, segmenter_paths, device, tta, average, flags)
+    return load_two_stage(locator_paths or default_locators, segmenter_paths, device, tta, average, flags, ckpts)
 
 
 def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan") -> np.ndarray:
@@ -443,18 +455,13 @@ def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan"
     training, a Gaussian-weighted sliding window over all of it, and the probabilities
     resampled back (linear). Beside the image's C channels, the probabilities are held: C +
     out_channels float32 volumes at the models' spacing (C + K + 1 for K softmax classes)."""
-    if image.shape[0] != len(pipe.channels):
-        raise UserError(f"{source}: has {image.shape[0]} channel(s), the model was trained on {len(pipe.channels)} "
-                        f"({', '.join(pipe.channels)}); give scans of the same channels")
+    _check_channels(pipe, image, source)
     resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
     work = ds.resample_channels(image, props, pipe.spacing) if resampled else image
     pads = ds.normalise(work, pipe.normalization)
     probs = sliding_window(pipe.models, work, pipe.patch_size, pipe.device, pipe.overlap, pipe.batch_size, pads,
                            ACTIVATIONS[pipe.labels.activation], pipe.tta)
-    if resampled:
-        work_props = {**props, "spacing": tuple(pipe.spacing)}
-        probs = np.stack([ds.resample_onto(p, work_props, image.shape[1:], props, label=False) for p in probs])
-    return probs
+    return _back_onto(probs, pipe.spacing, image, props) if resampled else probs
 
 
 def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:

@@ -180,12 +180,10 @@ def main(argv=None):
         raise UserError(f"--overlap {args.overlap}: must lie in [0, 1)")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if locators is None and inference.strategy_of(inference.load_checkpoint(segmenters[0], "segmenter",
-                                                                            flags[1])) == "two_stage":
-        locators = [Path("runs/demo/locator/best.pt")]
     inference.set_cpu_threads()
     pipe = inference.load_pipeline(locators, segmenters, inference.resolve_device(args.device), tta=args.tta,
-                                   flags=flags, overlap=args.overlap, batch_size=args.batch_size)
+                                   flags=flags, overlap=args.overlap, batch_size=args.batch_size,
+                                   default_locators=[Path("runs/demo/locator/best.pt")])
     regions = ()
     if args.regions:
         try:

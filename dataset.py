@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,11 +128,13 @@ def _from_sitk(img: sitk.Image, path) -> tuple[np.ndarray, dict]:
 
 
 def _spatial_props(spacing, origin, direction, dimension: int) -> dict:
-    """The 3D geometry of an image of `dimension` 3 or 4 (a 4D image's fourth axis is its
-    channels: its spacing, origin and direction entries are dropped)."""
-    if dimension == 4:
-        direction = np.asarray(direction, dtype=float).reshape(4, 4)[:3, :3].ravel()
-    return _props(spacing[:3], origin[:3], direction)
+    """The 3D geometry of an image of `dimension` 3 or 4. A 4D image's fourth axis holds its
+    channels or the frames of a cine: its spacing and origin are kept as `props["axis4"]`, so
+    that a 4D output (a cine's label maps) is written back with them, and mark the file as 4D."""
+    if dimension != 4:
+        return _props(spacing[:3], origin[:3], direction)
+    direction = np.asarray(direction, dtype=float).reshape(4, 4)[:3, :3].ravel()
+    return {**_props(spacing[:3], origin[:3], direction), "axis4": (float(spacing[3]), float(origin[3]))}
 
 
 def read_image_channels(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -189,16 +192,28 @@ def to_sitk(array: np.ndarray, props: dict) -> sitk.Image:
 
 
 def write_image(array: np.ndarray, props: dict, path: str | Path) -> None:
-    """Write `array (D, H, W)`, or `(C, D, H, W)` as a 4D image of C channels (the MSD layout),
-    with the geometry in `props` (as `read_image` returns it), atomically: a reader never sees a
-    half-written file."""
+    """Write `array (D, H, W)`, or `(C, D, H, W)` as a 4D image of C channels (the MSD layout)
+    or frames (a cine; with the fourth axis's spacing and origin of `props["axis4"]` when the
+    props are a 4D file's), with the geometry in `props` (as `read_image` returns it),
+    atomically: a reader never sees a half-written file."""
     assert array.ndim in (3, 4), f"expected a (D, H, W) or (C, D, H, W) array, got shape {array.shape}"
-    img = to_sitk(array, props) if array.ndim == 3 else sitk.JoinSeries([to_sitk(a, props) for a in array])
+    if array.ndim == 3:
+        img = to_sitk(array, props)
+    else:
+        step, start = props.get("axis4", (1.0, 0.0))
+        img = sitk.JoinSeries([to_sitk(a, props) for a in array], start, step)
     atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
 
 
 def same_geometry(a: dict, b: dict, tol: float = GEOMETRY_TOL) -> bool:
     return all(np.allclose(a[k], b[k], atol=tol, rtol=0) for k in ("spacing", "origin", "direction"))
+
+
+def working_spacing(own, spacing) -> tuple[float, float, float]:
+    """The spacing a scan of spacing `own` is worked at: `spacing` (a model's), except on axes
+    where it is None, which keep the scan's own: a 2D model's slices are never interpolated
+    across, so the slice axis stays as acquired."""
+    return tuple(float(o if s is None else s) for o, s in zip(own, spacing))
 
 
 def same_spacing(a, b) -> bool:
@@ -239,15 +254,23 @@ def resample_onto(array: np.ndarray, props: dict, shape, target_props: dict, *, 
 @dataclass(frozen=True)
 class Case:
     """One scan: `image` a 3D file (one channel), a 4D file of C channels (MSD), or the first of
-    nnU-Net's channel files `<case>_0000`, with the others in `more`; `label` when labelled."""
+    nnU-Net's channel files `<case>_0000`, with the others in `more`; `label` when labelled.
+    `group`: the subject the scan belongs to when a subject has several (ACDC: the patient of
+    an ED or ES frame), so that splits keep a subject's scans on one side."""
     case_id: str
     image: Path
     label: Path | None
     more: tuple[Path, ...] = ()
+    group: str | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
         return (self.image, *self.more)
+
+
+ACDC_FRAME = re.compile(r"(?P<subject>.+)_frame(?P<frame>\d+)")  # patient001_frame01
+ACDC_INFO = "Info.cfg"
+ACDC_LABELS = Labels((1, 2, 3), ("RV cavity", "LV myocardium", "LV cavity"))  # ACDC's label values
 
 
 @dataclass(frozen=True)
@@ -305,10 +328,12 @@ def _labels_of(table, order, path: Path) -> Labels:
 
 
 def read_dataset_json(root: str | Path) -> DatasetInfo:
-    """The declarations of `<root>/dataset.json`; an empty DatasetInfo when there is none."""
+    """The declarations of `<root>/dataset.json`; when there is none, those of the layout's own
+    convention (ACDC's three classes), else an empty DatasetInfo."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
-        return DatasetInfo()
+        acdc = Path(root).is_dir() and any((d / ACDC_INFO).is_file() for d in Path(root).iterdir() if d.is_dir())
+        return DatasetInfo(labels=ACDC_LABELS) if acdc else DatasetInfo()
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -360,12 +385,76 @@ def _check_channel_files(cases: list[Case], names: set, images_dir: Path) -> Non
                             f"{stem[:-5]}_0000; add it or remove the file")
 
 
+
+
+def read_info_cfg(path: str | Path) -> dict[str, str]:
+    """The `Key: value` lines of an ACDC subject's Info.cfg (`ED: 1`, `ES: 12`, `NbFrame: 30`,
+    ...); blank lines are skipped, any other line is an error naming the file."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not readable ({e.__class__.__name__}); expected ACDC's 'ED: 1' lines") from None
+    info = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip():
+            raise UserError(f"{path}: line {n} {line.strip()[:40]!r} is not 'Key: value'; fix the file")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cardiac_phases(path: str | Path, num_frames: int | None = None) -> tuple[int, int] | None:
+    """(ED, ES) frame numbers (1-based, ACDC's) of an Info.cfg, None when it names neither; a
+    frame that is not a whole number from 1 to `num_frames` (or to its own NbFrame) is an error."""
+    info = read_info_cfg(path)
+    if "ED" not in info and "ES" not in info:
+        return None
+    limit = num_frames
+    if limit is None and info.get("NbFrame", "").isdigit():
+        limit = int(info["NbFrame"])
+    frames = []
+    for key in ("ED", "ES"):
+        value = info.get(key, "")
+        if not value.isdigit() or int(value) < 1 or (limit is not None and int(value) > limit):
+            within = f" from 1 to {limit}" if limit is not None else " of 1 or more"
+            raise UserError(f"{path}: {key}: {value or '(missing)'} is not a frame number{within}; "
+                            "fix the file or remove it")
+        frames.append(int(value))
+    return frames[0], frames[1]
+
+
+def _acdc_cases(root: Path) -> list[Case]:
+    """ACDC's layout: `<root>/<patient>/Info.cfg` beside `<patient>_frameYY.nii.gz` (the ED and
+    ES frames, each a case grouped by patient, labelled by `<patient>_frameYY_gt.nii.gz`); a
+    patient folder with no frame files contributes its 4D cine `<patient>_4d.nii.gz`."""
+    cases = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
+        if not (d / ACDC_INFO).is_file():
+            continue
+        found, cine = [], None
+        for f in sorted(d.iterdir()):
+            stem = strip_image_suffix(f.name)
+            if stem is None or _is_hidden(f):
+                continue
+            if ACDC_FRAME.fullmatch(stem):
+                label = next((d / f"{stem}_gt{s}" for s in IMAGE_SUFFIXES if (d / f"{stem}_gt{s}").is_file()), None)
+                found.append(Case(stem, f, label, group=d.name))
+            elif stem == f"{d.name}_4d":
+                cine = Case(stem, f, None, group=d.name)
+        cases += found or ([cine] if cine else [])
+    return cases
+
+
 def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_dir") -> list[Case]:
     """Cases under `root`, sorted by id, in either layout:
 
     LASC 2018:      <root>/<case>/lgemri.nrrd   (+ <root>/<case>/laendo.nrrd)
     MSD / nnU-Net:  <root>/imagesTr/<case>[_0000].nii.gz  (+ <root>/labelsTr/<case>.nii.gz)
                     (imagesTs/ too when there is no imagesTr/)
+    ACDC:           <root>/<patient>/<patient>_frameYY.nii.gz (+ _gt), Info.cfg (`_acdc_cases`)
     Names starting with "." or "_" are ignored.
     """
     root = Path(root)
@@ -389,17 +478,19 @@ def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_di
             cases.append(Case(case_id, images_dir / name, label, tuple(more)))
         _check_channel_files(cases, names, images_dir)
     else:
+        cases = _acdc_cases(root)
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
             if (d / "lgemri.nrrd").is_file():
                 label = d / "laendo.nrrd"
                 cases.append(Case(d.name, d / "lgemri.nrrd", label if label.is_file() else None))
     if not cases:
-        raise UserError(f"{flag} {root}: no cases found; expected <case>/lgemri.nrrd (LASC layout) "
-                        "or imagesTr/<case>.nii.gz (MSD layout)")
+        raise UserError(f"{flag} {root}: no cases found; expected <case>/lgemri.nrrd (LASC layout), imagesTr/"
+                        "<case>.nii.gz (MSD layout) or <patient>/Info.cfg with <patient>_frameYY.nii.gz (ACDC)")
     if require_labels:
         for c in cases:
             if c.label is None:
                 expected = (c.image.parent / "laendo.nrrd" if c.image.name == "lgemri.nrrd"
+                            else c.image.parent / f"{c.case_id}_gt.nii.gz" if c.group is not None
                             else root / "labelsTr" / f"{c.case_id}.nii.gz")
                 raise UserError(f"case {c.case_id}: missing label {expected}; add it or remove the case")
     return cases
@@ -568,12 +659,14 @@ def resample_channels(image: np.ndarray, props: dict, spacing) -> np.ndarray:
 
 def load_volume(case: Case, spacing, labels: Labels | None, rules) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`(normalised image (C, D, H, W), pad value per channel (C,), class indices or None)` of a
-    case at `spacing` (resampled when its own differs: linear, labels nearest)."""
+    case at `spacing` (resampled when its own differs: linear, labels nearest; an axis whose
+    `spacing` is None keeps its own, `working_spacing`)."""
     image, props = read_case_image(case)
     if len(rules) != image.shape[0]:
         raise UserError(f"{case.image}: has {image.shape[0]} channel(s), expected {len(rules)} "
                         "(as the data set's other scans, or the checkpoint)")
     label = load_label(case.label, image.shape[1:], props, labels) if case.label is not None else None
+    spacing = working_spacing(props["spacing"], spacing)
     if not same_spacing(props["spacing"], spacing):
         image = resample_channels(image, props, spacing)
         label = None if label is None else resample(label, props, spacing, label=True)[0]

@@ -51,10 +51,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
+def memory_format(device: torch.device, spatial_dims: int = 3) -> torch.memory_format:
     """Channels-last 3D on CPU, where oneDNN's 3D convolutions were faster in that layout at
-    train.py's batch of 3 (not at every size: docs/experiments.md); contiguous elsewhere."""
-    return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+    train.py's batch of 3 (not at every size: docs/experiments.md); contiguous elsewhere, and
+    for 2D models, whose 4D weights have no 3D channels-last layout. Inputs are 5D either way
+    (a 2D model takes a stack of slices)."""
+    return torch.channels_last_3d if device.type == "cpu" and spatial_dims == 3 else torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -92,7 +94,7 @@ def load_model(ckpt: dict, path, device: torch.device) -> torch.nn.Module:
     except RuntimeError:
         raise UserError(f"{path}: weights do not fit the architecture recorded in the checkpoint; "
                         "the file is damaged or was edited, retrain or use another checkpoint") from None
-    return model.to(device, memory_format=memory_format(device)).eval()
+    return model.to(device, memory_format=memory_format(device, model.spatial_dims)).eval()
 
 
 # ----------------------------------------------------------------------------- running a model
@@ -292,7 +294,9 @@ def _channels(config: dict) -> tuple:
 
 def _agree_segmenters(ckpts: list[tuple[Path, dict]], flag: str) -> None:
     """The segmenters of an ensemble (either strategy) share their input and classes."""
-    _agree(ckpts, flag, "spacings", lambda c: list(c["spacing"]), ds.same_spacing)
+    _agree(ckpts, flag, "spatial dimensions", lambda c: c["arch"].get("spatial_dims", 3))
+    # None (a 2D model's slice axis: each scan's own) compares as -1, which no spacing equals.
+    _agree(ckpts, flag, "spacings", lambda c: [-1.0 if s is None else s for s in c["spacing"]], ds.same_spacing)
     _agree(ckpts, flag, "input channels and classes", _channels)
     _agree(ckpts, flag, "patch sizes", lambda c: list(c["patch_size"]))
     _agree(ckpts, flag, "channels, normalisation and classes", input_record)
@@ -402,8 +406,8 @@ class Patches:
     their checkpoints record: the window (patch) size, spacing, channels and their z-score
     rules, and the classes."""
     models: list[torch.nn.Module]
-    patch_size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
+    patch_size: tuple[int, int, int]     # (1, H, W) for a 2D model: slice by slice
+    spacing: tuple                       # None on the slice axis of a 2D model (ds.working_spacing)
     channels: tuple[str, ...]
     normalization: tuple[str, ...]
     labels: Labels
@@ -456,12 +460,13 @@ def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan"
     resampled back (linear). Beside the image's C channels, the probabilities are held: C +
     out_channels float32 volumes at the models' spacing (C + K + 1 for K softmax classes)."""
     _check_channels(pipe, image, source)
-    resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
-    work = ds.resample_channels(image, props, pipe.spacing) if resampled else image
+    spacing = ds.working_spacing(props["spacing"], pipe.spacing)
+    resampled = not ds.same_spacing(props["spacing"], spacing)
+    work = ds.resample_channels(image, props, spacing) if resampled else image
     pads = ds.normalise(work, pipe.normalization)
     probs = sliding_window(pipe.models, work, pipe.patch_size, pipe.device, pipe.overlap, pipe.batch_size, pads,
                            ACTIVATIONS[pipe.labels.activation], pipe.tta)
-    return _back_onto(probs, pipe.spacing, image, props) if resampled else probs
+    return _back_onto(probs, spacing, image, props) if resampled else probs
 
 
 def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:

@@ -105,6 +105,8 @@ def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, pa
     `opts.largest_component` keeps the largest 26-connected component of the foreground (all
     classes together)."""
     image, props = ds.read_case_image(case)
+    if is_cine(pipe, image, props, case.image):
+        return predict_cine(pipe, case, image, props, paths, wanted, opts)
     labels = pipe.labels
     flags = None
     if wanted - {"overlay"}:
@@ -139,6 +141,53 @@ def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, pa
                       case.case_id)
     rows = [] if label is None else case_rows(case.case_id, mask, label, labels, props["spacing"], opts.regions)
     return {"rows": rows, "flags": flags if "mask" in wanted else None}
+
+
+def is_cine(pipe, image: np.ndarray, props: dict, source) -> bool:
+    """Whether a scan is a cine to predict frame by frame: a 4D file (`props["axis4"]`) of
+    several volumes given to models of one channel (several channels make a multi-channel
+    scan). A 4D file of one volume is refused: as one channel or one frame, its output would
+    lose a dimension or gain one."""
+    if "axis4" not in props or len(pipe.channels) != 1:
+        return False
+    if image.shape[0] == 1:
+        raise UserError(f"{source}: a 4D image of one frame; save it as a 3D image, or give the whole cine")
+    return True
+
+
+def predict_cine(pipe, case: ds.Case, image: np.ndarray, props: dict, paths: dict, wanted: set,
+                 opts: Outputs) -> dict:
+    """Predict each frame of a cine (T, D, H, W) as a 3D scan and write the label maps as one 4D
+    image with the cine's geometry (its time axis included), and the probability maps likewise.
+    A cine carries no per-frame reference here, so it yields no metrics rows."""
+    if not wanted - {"overlay"}:
+        return {"rows": [], "flags": None}
+    labels = pipe.labels
+    first = 1 if labels.activation == "softmax" else 0
+    prob_keys = [k for k in paths if k.startswith("prob")]
+    masks, probs_out = [], {k: [] for k in prob_keys if k in wanted}
+    for t in tqdm(range(image.shape[0]), desc=f"{case.case_id} frames", leave=False, disable=not sys.stderr.isatty()):
+        frame = image[t:t + 1]
+        if isinstance(pipe, inference.Patches):
+            probs = inference.predict_patches(pipe, frame, props, f"{case.image} frame {t + 1}")
+        else:
+            probs, _ = inference.predict_two_stage(pipe, frame, props, f"{case.image} frame {t + 1}")
+        for k, key in enumerate(prob_keys):
+            if key in probs_out:
+                probs_out[key].append(probs[first + k])
+        mask = labels.label_map(probs)
+        if opts.largest_component:
+            mask *= ds.largest_component(mask > 0, connectivity=3)
+        if labels.binary:
+            mask = (mask > 0).astype(np.uint8) * np.uint8(opts.label_value)
+        masks.append(mask)
+    for key, frames in probs_out.items():
+        ds.write_image(np.stack(frames), props, paths[key])
+    if "mask" in wanted:
+        ds.write_image(np.stack(masks), props, paths["mask"])
+    if "overlay" in wanted:
+        plots.overlay(paths["overlay"], image[0], masks[0] > 0, None, props["spacing"], f"{case.case_id} frame 1")
+    return {"rows": [], "flags": None}
 
 
 def warnings_of(case_id: str, flags: dict) -> list[str]:

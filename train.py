@@ -56,9 +56,10 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--data_dir", "--root_dir", dest="data_dir", default=DEMO_DATA,
                    help="dataset folder (LASC, MSD or nnU-Net layout)")
     g.add_argument("--output_dir", default="runs/demo", help="run folder")
-    g.add_argument("--strategy", choices=STRATEGIES, default="two_stage",
+    g.add_argument("--strategy", choices=STRATEGIES,
                    help="two_stage: a locator on the downscaled scan, a segmenter on a crop around what it finds; "
-                        "patches: one network on random patches, predicting with a sliding window (no locator)")
+                        "patches: one network on random patches, predicting with a sliding window (no locator) "
+                        "(default: two_stage in 3D, patches in 2D)")
     g.add_argument("--stage", choices=("both", "locator", "segmenter"), default="both", help="which stage(s) to train")
     g.add_argument("--locator_path", help="trained locator for --stage segmenter (default: RUN/locator/best.pt)")
     g.add_argument("--split", help="JSON split file to reuse: {\"train\": [...], \"val\": [...]}, or nnU-Net's "
@@ -68,8 +69,9 @@ def parse_args(argv=None, defaults: dict | None = None):
                    "(RUN/splits_final.json) and train fold K into RUN/fold_K/")
     g.add_argument("--fold", help="which fold to train, 0..N-1, or 'all' (the default with --num_folds): each "
                    "in turn, skipping folds already finished (unless --overwrite)")
-    g.add_argument("--group_by", metavar="REGEX", help="keep the cases of one patient in one fold: the regex's "
-                   "first group, searched in the case id, names the patient (e.g. '^(patient\\d+)_')")
+    g.add_argument("--group_by", metavar="REGEX", help="keep the cases of one patient on one side of the split (in "
+                   "one fold): the regex's first group, searched in the case id, names the patient (e.g. "
+                   "'^(patient\\d+)_') (default: ACDC's patient folders; else each case is its own patient)")
     g.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases held out for validation")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, weights, sampling and augmentation")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
@@ -89,6 +91,17 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only: bit-reproducible on CPU, as far as PyTorch allows on a GPU")
     m = p.add_argument_group("segmenter model (the locator is the plain V-Net)")
+    m.add_argument("--spatial_dims", type=int, choices=(2, 3), default=3,
+                   help="2: a V-Net of 2D convolutions trained on slices (or in-plane patches) along the scan's first "
+                        "array axis (the slice stack), predicting slice by slice (--strategy patches)")
+    m.add_argument("--init_from", metavar="CKPT",
+                   help="transfer learning: start the segmenter (or patch network) from another run's checkpoint, "
+                        "tensors matched by name and shape (2D and 3D kernels converted); the output layer starts "
+                        "anew when its classes differ")
+    m.add_argument("--locator_init_from", metavar="CKPT", help="the same for the locator")
+    m.add_argument("--freeze_encoder_epochs", type=int, default=0,
+                   help="with --init_from: keep the encoder (input and down stages) fixed for the first N epochs, "
+                        "then train everything")
     m.add_argument("--num_layers", type=int, default=1, help="V-Net convolutions per stage (2: the 16.2 M model)")
     m.add_argument("--dilation", type=int, default=1, help="dilation of the encoder's 5x5x5 convolutions")
     m.add_argument("--attention_module", type=parse_bool, nargs="?", const=True, default=False,
@@ -117,8 +130,8 @@ def parse_args(argv=None, defaults: dict | None = None):
     s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
     s.add_argument("--max_epochs", type=int, default=200)
     s.add_argument("--samples_per_epoch", type=int, default=None, help="crops per epoch (default: 6 per training case)")
-    s.add_argument("--patch_size", type=int, nargs=3, metavar=("D", "H", "W"),
-                   help="segmenter input size (default: derived)")
+    s.add_argument("--patch_size", type=int, nargs="+", metavar="N",
+                   help="segmenter input size: D H W, or H W in 2D (default: derived; in 2D the median slice)")
     s.add_argument("--padding", type=int, nargs=3, metavar=("D", "H", "W"), default=(30, 30, 30),
                    help="total margin added to the largest atrium extent to derive the patch size")
     c = p.add_argument_group("channels and classes; the patch strategy")
@@ -165,6 +178,11 @@ def parse_args(argv=None, defaults: dict | None = None):
 
 def check_args(args) -> None:
     """Impossible values are refused up front, naming the flag."""
+    if args.strategy is None:
+        args.strategy = "patches" if args.spatial_dims == 2 else "two_stage"
+    if args.spatial_dims == 2 and args.strategy != "patches":
+        raise UserError(f"--strategy {args.strategy}: a 2D model (--spatial_dims 2) trains with --strategy patches "
+                        "(whole slices or in-plane patches); drop --strategy or --spatial_dims")
     positive = ["max_epochs", "batch_size", "locator_batch_size", "learning_rate", "locator_learning_rate",
                 "num_layers", "dilation", "base_channels", "save_after_epochs", "samples_per_epoch",
                 "locator_samples_per_epoch", "locator_max_epochs", "reduction", "attention_dilation"]
@@ -200,9 +218,23 @@ def check_args(args) -> None:
                         "--strategy patches trains one network and no locator; drop it")
     if min(args.padding) < 0:
         raise UserError(f"--padding {' '.join(map(str, args.padding))}: must be 0 or more")
+    if args.patch_size and len(args.patch_size) != (2 if args.spatial_dims == 2 else 3):
+        raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: give "
+                        + ("H W (two sizes) for --spatial_dims 2" if args.spatial_dims == 2 else "D H W (three sizes)"))
     if args.patch_size and any(p <= 0 or p % 16 for p in args.patch_size):
         raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: "
                         "each size must be a positive multiple of 16")
+    if args.freeze_encoder_epochs < 0:
+        raise UserError(f"--freeze_encoder_epochs {args.freeze_encoder_epochs}: must be 0 or more")
+    if args.freeze_encoder_epochs and not args.init_from and not args.resume:
+        raise UserError(f"--freeze_encoder_epochs {args.freeze_encoder_epochs}: keeps a transferred encoder fixed; "
+                        "give the checkpoint to start from with --init_from")
+    for flag, path in (("--init_from", args.init_from), ("--locator_init_from", args.locator_init_from)):
+        if path:
+            inference.load_checkpoint(path, None, flag)  # a bad file fails before any data is read
+    if args.locator_init_from and args.strategy == "patches":
+        raise UserError(f"--locator_init_from {args.locator_init_from}: --strategy patches trains no locator; "
+                        "use --init_from")
     ds.downscale_factors(args.scale_factor)
     augmenter_from_args(args)
 
@@ -221,13 +253,14 @@ def stage_settings(args, stage: str) -> training.StageSettings:
             patience=args.locator_patience, reduce=args.locator_reduce,
             max_epochs=args.locator_max_epochs or args.max_epochs, samples_per_epoch=args.locator_samples_per_epoch,
             loss_criterion=args.locator_loss_criterion, augment=augmenter_from_args(args, voxel_scale=max(factors[1:])),
-            scale_factor=tuple(args.scale_factor), **shared)
+            scale_factor=tuple(args.scale_factor), init_from=args.locator_init_from, **shared)
+    shared.update(init_from=args.init_from, freeze_encoder_epochs=args.freeze_encoder_epochs)
     if args.strategy == "patches":
         return training.PatchSettings(
             batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
             max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch,
             loss_criterion=args.loss_criterion, augment=augmenter_from_args(args),
-            patch_size=tuple(args.patch_size) if args.patch_size else None, max_background=args.max_background,
+            patch_size=patch_of(args), max_background=args.max_background,
             max_tries=args.max_tries, overlap=args.overlap, cache_cases=args.cache_cases,
             augmentation_grid=args.augmentation_grid, **shared)
     return training.SegmenterSettings(
@@ -245,7 +278,14 @@ def stage_model(args, stage: str, in_channels: int = 1, out_channels: int = 1) -
         return VNet(in_channels, 1, base_channels=args.base_channels)
     return VNet(in_channels, out_channels, num_layers=args.num_layers, dilation=args.dilation,
                 base_channels=args.base_channels, attention_module=args.attention_module, reduction=args.reduction,
-                attention_dilation=args.attention_dilation)
+                attention_dilation=args.attention_dilation, spatial_dims=args.spatial_dims)
+
+
+def patch_of(args) -> tuple[int, int, int] | None:
+    """--patch_size as a 3D size: D H W, or (1, H, W) for a 2D model (a patch is one slice)."""
+    if not args.patch_size:
+        return None
+    return (1, *args.patch_size) if args.spatial_dims == 2 else tuple(args.patch_size)
 
 
 def run_stages(args) -> list[str]:
@@ -372,7 +412,7 @@ def train_patches(args, cases, split: dict, run_dir: Path, device, resume, write
     survey = read_survey(args, cases, split, need_foreground=False)
     settings = stage_settings(args, "segmenter")
     settings.activation = survey.labels.activation
-    patch = tuple(settings.patch_size or survey.default_patch())
+    patch = tuple(settings.patch_size or survey.default_patch(spatial_dims=args.spatial_dims))
     by_id = {c.case_id: c for c in cases}
     ids = split["train"] + split["val"]
     data = dict(zip(ids, training.load_volume_cases([by_id[i] for i in ids], survey, settings, patch)))
@@ -385,9 +425,10 @@ def read_survey(args, cases, split: dict, need_foreground: bool = True) -> train
     """The data set's survey (`training.read_survey`) with dataset.json's declarations and the
     flags' regions and normalisation, printed in a few lines."""
     survey = training.read_survey(cases, split["train"], ds.read_dataset_json(args.data_dir),
-                                  lbl.parse_regions(args.regions or []), args.normalization, need_foreground)
-    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), "
-          f"spacing {survey.spacing} mm")
+                                  lbl.parse_regions(args.regions or []), args.normalization, need_foreground,
+                                  args.spatial_dims)
+    shown = tuple("each scan's" if s is None else s for s in survey.spacing)
+    print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), spacing {shown} mm")
     reference = args.strategy == "two_stage" and survey.labels.binary  # the left atrium's recipe
     if args.loss_criterion is None:
         args.loss_criterion = "Dice" if reference else "DiceCE"
@@ -435,10 +476,19 @@ def is_crossval(args) -> bool:
     return False
 
 
-def crossval_folds(args, run_dir: Path, ids: list[str]) -> tuple[list[dict], list[int]]:
+def case_groups(args, cases: list[ds.Case]) -> dict[str, str]:
+    """The patient of each case: --group_by's, else the layout's (ACDC's patient folders), else
+    each case its own."""
+    if args.group_by:
+        return splits.patient_groups([c.case_id for c in cases], args.group_by)
+    return {c.case_id: c.group or c.case_id for c in cases}
+
+
+def crossval_folds(args, run_dir: Path, cases: list[ds.Case]) -> tuple[list[dict], list[int]]:
     """The run's folds (from --split, the run's splits_final.json, or made now) and the ones
     to train (--fold), checked against the data, the patients and each other."""
-    groups = splits.patient_groups(ids, args.group_by)
+    ids = [c.case_id for c in cases]
+    groups = case_groups(args, cases)
     own = run_dir / "splits_final.json"
     if args.split:
         (folds, kfold), where = splits.read_splits(args.split, ids), f"--split {args.split}"
@@ -521,8 +571,6 @@ def main(argv=None):
             print(f"{stage} {describe(model_arch(model))}: parameters: {count_parameters(model):,}")
         return
     folds = is_crossval(args)
-    if args.group_by and not folds:
-        raise UserError(f"--group_by {args.group_by}: groups the cases of cross-validation folds; add --num_folds N")
     if folds and (args.stage != "both" or args.locator_path):
         raise UserError(f"{'--stage ' + args.stage if args.stage != 'both' else '--locator_path'}: "
                         "cross-validation trains both stages of every fold; drop it")
@@ -540,11 +588,15 @@ def main(argv=None):
     cases = ds.find_cases(args.data_dir, require_labels=True)
     ids = [c.case_id for c in cases]
     if folds:
-        crossval(args, run_dir, cases, *crossval_folds(args, run_dir, ids), device)
+        crossval(args, run_dir, cases, *crossval_folds(args, run_dir, cases), device)
         return
     split_path = Path(args.split) if args.split else run_dir / "split.json"
-    split = splits.read_splits(split_path, ids)[0][0] if args.split or split_path.exists() else \
-        splits.make_split(ids, args.val_fraction, args.seed)
+    groups = case_groups(args, cases)
+    if args.split or split_path.exists():
+        split = splits.read_splits(split_path, ids)[0][0]
+        splits.check_groups([split], groups, f"--split {split_path}")
+    else:
+        split = splits.make_split(ids, args.val_fraction, args.seed, groups)
     train_stages(args, run_dir, cases, split, device, plan,
                  lambda stages_now: write_run_files(args, run_dir, split, stages_now))
 

@@ -51,6 +51,9 @@ SAMPLES_PER_CASE = 6
 # (a float32 image and a uint8 label of at least one patch: 15 MB per LASC case at 96x144x224);
 # past it, each sample is read from disk. `--cache_cases True/False` overrides it either way.
 CASE_CACHE_LIMIT = 2 * 2**30
+# A 2D model's default patch is the whole (median) slice up to this many voxels a side: a
+# short-axis cine slice of 1.5 mm voxels covers the chest at 256.
+SLICE_LIMIT = 256
 LOG_COLUMNS = ["epoch", "train_loss", "val_dice", "learning_rate", "boundary_weight", "seconds"]
 
 
@@ -80,6 +83,8 @@ class StageSettings:
     compile: bool = False
     seed: int = 0
     activation: str = "sigmoid"      # of the model's outputs: losses.SegmentationLoss
+    init_from: str | None = None     # a checkpoint to start from (`start_from_checkpoint`)
+    freeze_encoder_epochs: int = 0   # the encoder stays fixed for the first epochs
 
     def criterion(self) -> SegmentationLoss:
         return SegmentationLoss(self.loss_criterion, self.focal_alpha, self.focal_gamma, self.squared_dice,
@@ -128,7 +133,7 @@ class Survey:
     spacing (the median, mm) and, at that spacing, each case's shape and foreground box (all
     classes together: the atrium, the whole tumour); the channels' names and z-score rules; the
     classes (declared in dataset.json, or found in the labels)."""
-    spacing: tuple[float, float, float]
+    spacing: tuple                  # (sz, sy, sx) mm; sz None for a 2D model (ds.working_spacing)
     shapes: dict[str, tuple[int, int, int]]
     boxes: dict[str, tuple[slice, ...] | None]
     channels: tuple[str, ...] = ("channel 0",)
@@ -144,9 +149,12 @@ class Survey:
         extents = [[s.stop - s.start for s in self.boxes[i]] for i in ids]
         return ds.patch_size_for(extents, padding, self.padded_shape(factors))
 
-    def default_patch(self, limit: int = 128) -> tuple[int, int, int]:
-        """The patch strategy's default: the median shape rounded up to a multiple of 16, at most `limit`."""
+    def default_patch(self, limit: int = 128, spatial_dims: int = 3) -> tuple[int, int, int]:
+        """The patch strategy's default: the median shape rounded up to a multiple of 16, at most
+        `limit`; for a 2D model (1, H, W), the median slice, at most SLICE_LIMIT."""
         median = np.median(list(self.shapes.values()), axis=0)
+        if spatial_dims == 2:
+            return (1, *(int(min(math.ceil(m / 16) * 16, SLICE_LIMIT)) for m in median[1:]))
         return tuple(int(min(math.ceil(m / 16) * 16, limit)) for m in median)
 
     def input_record(self) -> dict:
@@ -156,12 +164,13 @@ class Survey:
 
 
 def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = None, regions=(),
-                normalization: str = "auto", need_foreground: bool = True) -> Survey:
+                normalization: str = "auto", need_foreground: bool = True, spatial_dims: int = 3) -> Survey:
     """Image headers (shape, spacing, channels: every case alike, and as dataset.json declares)
     and labels (on their image's grid, holding declared values only; without a declaration the
     values found make the classes), then each label's foreground box; `regions` ((name,
     values) pairs) from --regions. With `need_foreground`, a training case without foreground
-    is refused (the two-stage strategy's crops are placed on it)."""
+    is refused (the two-stage strategy's crops are placed on it). For a 2D model
+    (`spatial_dims` 2) the spacing's slice axis is None: each scan keeps its own."""
     info = info or ds.DatasetInfo()
     headers = [ds.read_case_info(c) for c in tqdm(cases, desc="reading headers", unit="case",
                                                    disable=not sys.stderr.isatty())]
@@ -172,6 +181,8 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
             declared = f"{info.path} declares {count}" if info.channels else f"most cases have {count}"
             raise UserError(f"{case.image}: has {n} channel(s), {declared}; every case needs the same channels")
     spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props, _ in headers], axis=0))
+    if spatial_dims == 2:
+        spacing = (None, *spacing[1:])
     shapes, boxes, found = {}, {}, set()
     for case, (shape, props, _) in zip(cases, headers):
         label = ds.read_label(case.label, shape, props)
@@ -179,8 +190,9 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
             found.update(ds.label_values(label, case.label))
         else:
             ds.class_indices(label, case.label, info.labels)
-        if not ds.same_spacing(props["spacing"], spacing):
-            label, _ = ds.resample(label, props, spacing, label=True)
+        working = ds.working_spacing(props["spacing"], spacing)
+        if not ds.same_spacing(props["spacing"], working):
+            label, _ = ds.resample(label, props, working, label=True)
         shapes[case.case_id], boxes[case.case_id] = label.shape, ds.bounding_box(label)
         if need_foreground and boxes[case.case_id] is None and case.case_id in train_ids:
             raise UserError(f"{case.label}: label is empty; every training case needs an atrium "
@@ -276,7 +288,8 @@ def train_locator(model: VNet, data: dict[str, LocatorCase], split, settings: Lo
 
     config = {"role": "locator", "arch": model_arch(model), "scale_factor": list(settings.scale_factor),
               "spacing": list(survey.spacing), "padded_shape": list(survey.padded_shape(factors)),
-              "loss": settings.loss_criterion, **survey.input_record(), "labels": lbl.binary().record()}
+              "loss": settings.loss_criterion, **survey.input_record(), "labels": lbl.binary().record(),
+              "init_from": transfer_record(model, settings, lbl.binary(), resume)}
     best = fit("locator", model, train_set, validate, settings, run_dir / "locator", config, device, resume)
     locator = inference.load_model(inference.load_checkpoint(best, "locator"), best, device)
     locations = {cid: inference.locate(locator, c.own_low, c.pad_before, c.shape, factors, device)
@@ -424,13 +437,14 @@ def train_segmenter(model: VNet, cases, data: dict[str, SegmenterCase], split, s
             scores.append(region.dice(labels.to_indices(labels.label_map(probs)), data[i].location.centre, labels))
         return scores
 
+    transfer = transfer_record(model, settings, labels, resume)
     if resume is not None:  # the weights come from the checkpoint; keep its record of how they started
         from_locator = bool(resume["config"].get("init_from_locator", False))
     else:
-        from_locator = start_from_locator(model, locator_ckpt, settings.init_from_locator)
+        from_locator = transfer is None and start_from_locator(model, locator_ckpt, settings.init_from_locator)
     config = {"role": "segmenter", "arch": model_arch(model), "patch_size": list(patch),
               "spacing": list(survey.spacing), "loss": settings.loss_criterion, "locator_path": str(locator_path),
-              "init_from_locator": from_locator, **survey.input_record()}
+              "init_from_locator": from_locator, "init_from": transfer, **survey.input_record()}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
 
 
@@ -443,6 +457,38 @@ def write_augmentation_grid(path, train_set, labels: Labels) -> None:
     plots.augmentation_grid(path, [(x[0], (y[1:] if labels.activation == "softmax" else y).amax(0))
                                    for x, y, *_ in samples])
     print(f"augmented training samples: {path}")
+
+
+def start_from_checkpoint(model: VNet, path, labels: Labels, flag: str = "--init_from") -> dict:
+    """Transfer learning: start `model` from the weights of another run's checkpoint `path`
+    (another data set, other classes, 2D or 3D: `VNet.transfer_from`). The output layer starts
+    anew when the checkpoint learned other classes than `labels`, even where its shape fits.
+    Prints what was loaded and skipped, and returns it for the run's config; a checkpoint that
+    shares no tensor with the model is an error."""
+    ckpt = inference.load_checkpoint(path, None, flag)
+    record = ckpt["config"].get("labels")
+    same_classes = (Labels.from_record(record) if record else lbl.binary()) == labels
+    moved = model.transfer_from(ckpt["model"], () if same_classes else ("output.weight", "output.bias"))
+    taken = len(moved["loaded"]) + len(moved["converted"])
+    if taken == 0:
+        raise UserError(f"{flag} {path}: shares no tensor with this model ({describe(model_arch(model))}, "
+                        f"the checkpoint's is {describe(ckpt['config']['arch'])}); start from a V-Net checkpoint "
+                        "of the same widths (--base_channels)")
+    converted = f" ({len(moved['converted'])} converted between 2D and 3D)" if moved["converted"] else ""
+    print(f"starting from {path}: {taken} of {len(model.state_dict())} tensors loaded{converted}; "
+          f"skipped {len(moved['skipped'])}{': ' if moved['skipped'] else ''}{', '.join(moved['skipped'][:8])}"
+          f"{' ...' if len(moved['skipped']) > 8 else ''}" + ("" if same_classes else " (other classes: the "
+                                                                 "output layer starts anew)"))
+    return {"path": str(path), "loaded": len(moved["loaded"]), "converted": len(moved["converted"]),
+            "skipped": moved["skipped"], "output_reinitialised": not same_classes}
+
+
+def transfer_record(model: VNet, settings: StageSettings, labels: Labels, resume: dict | None) -> dict | None:
+    """What `--init_from` loaded into a stage's model (None: it starts otherwise); a resumed
+    stage keeps its first run's record, since its weights come from its own checkpoint."""
+    if resume is not None:
+        return resume["config"].get("init_from")
+    return start_from_checkpoint(model, settings.init_from, labels) if settings.init_from else None
 
 
 def start_from_locator(model: VNet, locator_ckpt: dict, wanted: bool) -> bool:
@@ -540,7 +586,8 @@ def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase 
     print(f"patch size {patch}")
     train_set = PatchSet([by_id[i] for i in train_ids], [data[i] for i in train_ids], survey, settings, patch,
                          EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
-                         survey.spacing if settings.criterion().needs_distance_map else None)
+                         ds.working_spacing((1.0, 1.0, 1.0), survey.spacing)  # a 2D patch: one slice, any sz
+                         if settings.criterion().needs_distance_map else None)
     write_augmentation_grid(settings.augmentation_grid, train_set, survey.labels)
     activation = inference.ACTIVATIONS[survey.labels.activation]
 
@@ -555,7 +602,7 @@ def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase 
 
     config = {"role": "segmenter", "strategy": "patches", "arch": model_arch(model), "patch_size": list(patch),
               "spacing": list(survey.spacing), "loss": settings.loss_criterion, **survey.input_record(),
-              "overlap": settings.overlap}
+              "overlap": settings.overlap, "init_from": transfer_record(model, settings, survey.labels, resume)}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
 
 
@@ -686,8 +733,9 @@ def start_loop(name, model, train_set, settings: StageSettings, stage_dir: Path,
     plateau scheduler, the loss scaler, and what a resumed run restores."""
     rank, size = rank_and_size()
     fmt = inference.memory_format(device)
-    model.to(device, memory_format=fmt)
-    if resume is None:  # every process draws the same batch, so all start from the same weights
+    model.to(device, memory_format=inference.memory_format(device, model.spatial_dims))
+    if resume is None and config.get("init_from") is None:  # (transferred weights are kept as they are)
+        # Every process draws the same batch, so all start from the same weights.
         train_set.sampler.set_epoch(1)
         batch = torch.stack([train_set[j][0] for j in range(min(settings.batch_size, len(train_set)))])
         model.unit_variance_init(batch.to(device, memory_format=fmt))
@@ -740,6 +788,9 @@ def train_epoch(loop: Loop, epoch: int, weight: float | None) -> float:
     amp, amp_dtype, fmt = device.type == "cuda", inference.autocast_dtype(device), inference.memory_format(device)
     loop.train_set.sampler.set_epoch(epoch)
     loop.net.train()
+    frozen = [p for m in loop.model.encoder for p in m.parameters()] if epoch <= settings.freeze_encoder_epochs else []
+    if frozen and epoch == loop.first_epoch and is_main():
+        print(f"{loop.name}: the encoder stays fixed up to epoch {settings.freeze_encoder_epochs}")
     losses = []
     try:
         for image, label, *distance in tqdm(loop.loader, desc=f"{loop.name} {epoch}/{settings.max_epochs}",
@@ -756,6 +807,8 @@ def train_epoch(loop: Loop, epoch: int, weight: float | None) -> float:
                                 "and retrain")
             loop.optimizer.zero_grad(set_to_none=True)
             loop.scaler.scale(loss).backward()
+            for p in frozen:  # no gradient: Adam leaves the parameter, and its state, untouched
+                p.grad = None
             loop.step += 1
             if loop.step <= warmup_steps:
                 for group in loop.optimizer.param_groups:

@@ -1,7 +1,7 @@
 """V-Net (Milletari, Navab and Ahmadi, 3DV 2016) as configured in the reference left-atrium
 write-up (VNet_PyTorch-Atriaseg2018, see the README): 5x5x5 convolutions with PReLU, residual
 stages, 2x2x2 stride-2 down-convolutions and transposed up-convolutions, no normalisation
-layers, logits out."""
+layers, logits out. `spatial_dims=2` builds the same network of 5x5 convolutions for slices."""
 from __future__ import annotations
 
 import math
@@ -9,16 +9,18 @@ import math
 import torch
 from torch import nn
 
-from models.attention import BottleneckAttention3d
+from models.attention import CONV, BottleneckAttention3d
+
+UP_CONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
 class ConvStack(nn.Sequential):
-    """`n` times (5x5x5 convolution, PReLU) at constant width `channels`."""
+    """`n` times (5x5x5 convolution, PReLU) at constant width `channels` (5x5 in 2D)."""
 
-    def __init__(self, channels: int, n: int, dilation: int = 1):
+    def __init__(self, channels: int, n: int, dilation: int = 1, dims: int = 3):
         layers = []
         for _ in range(n):
-            layers += [nn.Conv3d(channels, channels, 5, padding=2 * dilation, dilation=dilation),
+            layers += [CONV[dims](channels, channels, 5, padding=2 * dilation, dilation=dilation),
                        nn.PReLU(channels)]
         super().__init__(*layers)
 
@@ -27,9 +29,9 @@ class InputStage(nn.Module):
     """One 5x5x5 convolution to `out_ch` channels, with the input added back (broadcast
     over channels, as V-Net does with its single-channel input)."""
 
-    def __init__(self, in_ch: int, out_ch: int, dilation: int = 1):
+    def __init__(self, in_ch: int, out_ch: int, dilation: int = 1, dims: int = 3):
         super().__init__()
-        self.conv = nn.Conv3d(in_ch, out_ch, 5, padding=2 * dilation, dilation=dilation)
+        self.conv = CONV[dims](in_ch, out_ch, 5, padding=2 * dilation, dilation=dilation)
         self.act = nn.PReLU(out_ch)
         self.residual = out_ch % in_ch == 0
         self.repeat = out_ch // in_ch
@@ -45,12 +47,12 @@ class DownStage(nn.Module):
     """Halve the resolution and double the channels with a 2x2x2 stride-2 convolution, then
     a residual stack of `n` convolutions."""
 
-    def __init__(self, in_ch: int, n: int, dilation: int = 1):
+    def __init__(self, in_ch: int, n: int, dilation: int = 1, dims: int = 3):
         super().__init__()
         out_ch = 2 * in_ch
-        self.down = nn.Conv3d(in_ch, out_ch, 2, stride=2)
+        self.down = CONV[dims](in_ch, out_ch, 2, stride=2)
         self.act = nn.PReLU(out_ch)
-        self.convs = ConvStack(out_ch, n, dilation)
+        self.convs = ConvStack(out_ch, n, dilation, dims)
 
     def forward(self, x):
         down = self.act(self.down(x))
@@ -61,11 +63,11 @@ class UpStage(nn.Module):
     """Double the resolution with a 2x2x2 transposed convolution to `out_ch // 2` channels,
     concatenate the skip connection (`out_ch // 2` channels), then a residual stack."""
 
-    def __init__(self, in_ch: int, out_ch: int, n: int):
+    def __init__(self, in_ch: int, out_ch: int, n: int, dims: int = 3):
         super().__init__()
-        self.up = nn.ConvTranspose3d(in_ch, out_ch // 2, 2, stride=2)
+        self.up = UP_CONV[dims](in_ch, out_ch // 2, 2, stride=2)
         self.act = nn.PReLU(out_ch // 2)
-        self.convs = ConvStack(out_ch, n)
+        self.convs = ConvStack(out_ch, n, dims=dims)
 
     def forward(self, x, skip):
         cat = torch.cat([self.act(self.up(x)), skip], dim=1)
@@ -94,38 +96,47 @@ class VNet(nn.Module):
             dilation adds no weights (the reference table prints 10.75 M for these rows too).
         reduction: width divisor of the attention gates' hidden layers (BAM's r).
         attention_dilation: dilation of the attention spatial gate's 3x3x3 convolutions.
+        spatial_dims: 3, or 2 for the network of 2D convolutions (5x5, 2x2 strides, 2D
+            attention) that segments slices; the same stages and widths, so a 2D and a 3D
+            V-Net share their tensor names, and only the convolution kernels differ in shape.
 
     Input (B, in_channels, D, H, W) with D, H and W divisible by 16; output logits
-    (B, out_channels, D, H, W).
+    (B, out_channels, D, H, W). In 2D: (B, in_channels, H, W) -> (B, out_channels, H, W), or a
+    (B, in_channels, D, H, W) stack whose D slices are each segmented on their own, so that
+    the 3D pipeline (patches of depth 1, the sliding window) runs a 2D model unchanged.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, num_layers: int = 1,
                  dilation: int = 1, base_channels: int = 8, attention_module: bool = False,
-                 reduction: int = 4, attention_dilation: int = 4):
+                 reduction: int = 4, attention_dilation: int = 4, spatial_dims: int = 3):
         super().__init__()
         if num_layers < 1 or dilation < 1 or base_channels < 1:
             raise ValueError(f"num_layers, dilation and base_channels must be >= 1, got "
                              f"{num_layers}, {dilation}, {base_channels}")
+        if spatial_dims not in CONV:
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if reduction < 1 or attention_dilation < 1:
             raise ValueError(f"reduction and attention_dilation must be >= 1, got {reduction}, {attention_dilation}")
         self.arch = dict(in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
                          dilation=dilation, base_channels=base_channels, attention_module=bool(attention_module),
-                         reduction=reduction, attention_dilation=attention_dilation)
+                         reduction=reduction, attention_dilation=attention_dilation, spatial_dims=spatial_dims)
+        self.spatial_dims = d = spatial_dims
         c, n = base_channels, num_layers
-        self.input = InputStage(in_channels, c, dilation)
-        self.down1 = DownStage(c, n, dilation)            # 2c,  1/2
-        self.down2 = DownStage(2 * c, n, dilation)        # 4c,  1/4
-        self.down3 = DownStage(4 * c, n + 1, dilation)    # 8c,  1/8
-        self.down4 = DownStage(8 * c, n + 1, dilation)    # 16c, 1/16
-        self.up4 = UpStage(16 * c, 16 * c, n + 1)         # 16c, 1/8
-        self.up3 = UpStage(16 * c, 8 * c, n + 1)          # 8c,  1/4
-        self.up2 = UpStage(8 * c, 4 * c, n)               # 4c,  1/2
-        self.up1 = UpStage(4 * c, 2 * c, n)               # 2c,  1/1
-        self.output = nn.Conv3d(2 * c, out_channels, 1)
+        self.input = InputStage(in_channels, c, dilation, d)
+        self.down1 = DownStage(c, n, dilation, d)            # 2c,  1/2
+        self.down2 = DownStage(2 * c, n, dilation, d)        # 4c,  1/4
+        self.down3 = DownStage(4 * c, n + 1, dilation, d)    # 8c,  1/8
+        self.down4 = DownStage(8 * c, n + 1, dilation, d)    # 16c, 1/16
+        self.up4 = UpStage(16 * c, 16 * c, n + 1, d)         # 16c, 1/8
+        self.up3 = UpStage(16 * c, 8 * c, n + 1, d)          # 8c,  1/4
+        self.up2 = UpStage(8 * c, 4 * c, n, d)               # 4c,  1/2
+        self.up1 = UpStage(4 * c, 2 * c, n, d)               # 2c,  1/1
+        self.output = CONV[d](2 * c, out_channels, 1)
         # Built last, so the V-Net's own weights draw the same random numbers with or without
         # attention; Identity has no state, so plain checkpoints keep their keys.
         def gate(channels):
-            return BottleneckAttention3d(channels, reduction, attention_dilation) if attention_module else nn.Identity()
+            return BottleneckAttention3d(channels, reduction, attention_dilation, d) if attention_module \
+                else nn.Identity()
         self.gate0, self.gate1, self.gate2, self.gate3, self.gate4 = (gate(k * c) for k in (1, 2, 4, 8, 16))
 
     @torch.no_grad()
@@ -139,6 +150,41 @@ class VNet(nn.Module):
         for k in shared:
             own[k].copy_(state_dict[k])
         return len(shared)
+
+    @torch.no_grad()
+    def transfer_from(self, state_dict: dict, skip=()) -> dict[str, list[str]]:
+        """Start from another V-Net's weights (another data set, other classes, 2D or 3D), tensor
+        by tensor by name: one of the same shape is copied ("loaded"); a convolution kernel of
+        the other dimensionality is converted ("converted"); the rest, and the names in `skip`,
+        keep their values ("skipped": the other's names that did not fit, then this model's
+        names it lacked).
+
+        A 3D kernel becomes 2D by summing over its depth (a transposed one by averaging, since
+        each output depth of a stride-2 up-convolution sees one depth of its kernel), a 2D one
+        3D by spreading it evenly over the depth (I3D's inflation; a transposed one repeated):
+        either way the network answers a volume that is constant along depth as the other did
+        its slice, so the transferred filters keep what they detect."""
+        own = self.state_dict()
+        out = {"loaded": [], "converted": [], "skipped": []}
+        for name, value in state_dict.items():
+            target = own.get(name)
+            if target is None or name in skip:
+                out["skipped"].append(name)
+            elif target.shape == value.shape:
+                target.copy_(value)
+                out["loaded"].append(name)
+            elif value.dim() == 5 and target.dim() == 4 and value.shape[:2] + value.shape[3:] == target.shape:
+                target.copy_(value.mean(2) if name.endswith("up.weight") else value.sum(2))
+                out["converted"].append(name)
+            elif value.dim() == 4 and target.dim() == 5 and target.shape[:2] + target.shape[3:] == value.shape:
+                depth = target.shape[2]
+                spread = value if name.endswith("up.weight") else value / depth
+                target.copy_(spread.unsqueeze(2).expand_as(target))
+                out["converted"].append(name)
+            else:
+                out["skipped"].append(name)
+        out["skipped"] += [k for k in own if k not in state_dict]
+        return out
 
     @torch.no_grad()
     def unit_variance_init(self, batch: torch.Tensor, prior: float = 0.01) -> list[float]:
@@ -166,7 +212,7 @@ class VNet(nn.Module):
         if not 0 < prior < 1:
             raise ValueError(f"prior must lie in (0, 1), got {prior}")
         stages = [self.input, self.down1, self.down2, self.down3, self.down4, self.up4, self.up3, self.up2, self.up1]
-        convs = {m for stage in stages for m in stage.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))}
+        convs = {m for stage in stages for m in stage.modules() if isinstance(m, (*CONV.values(), *UP_CONV.values()))}
         factors = []
 
         def rescale(module, inputs, output):
@@ -191,7 +237,20 @@ class VNet(nn.Module):
         self.output.bias.add_(math.log(prior / (1 - prior)) - logits.float().mean())
         return factors
 
+    @property
+    def encoder(self) -> list[nn.Module]:
+        """The input stage and the down stages, with their attention gates: what
+        `--freeze_encoder_epochs` keeps fixed while the decoder adapts."""
+        return [self.input, self.down1, self.down2, self.down3, self.down4,
+                self.gate0, self.gate1, self.gate2, self.gate3, self.gate4]
+
     def forward(self, x):
+        if self.spatial_dims == 2 and x.dim() == 5:  # a stack of slices: each slice on its own
+            b, c, depth = x.shape[:3]
+            slices = x.transpose(1, 2).reshape(b * depth, c, *x.shape[3:])
+            out = self(slices)
+            return out.reshape(b, depth, -1, *x.shape[3:]).transpose(1, 2)
+        assert x.dim() == 2 + self.spatial_dims, f"expected a {self.spatial_dims}D batch, got {tuple(x.shape)}"
         assert all(s % 16 == 0 for s in x.shape[2:]), f"D, H, W must divide by 16, got {tuple(x.shape)}"
         s0 = self.gate0(self.input(x))
         s1 = self.gate1(self.down1(s0))

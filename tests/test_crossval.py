@@ -135,7 +135,7 @@ def test_a_split_file_written_by_nnunet_trains_the_fold_asked_for(tiny_data, tmp
     (["--num_folds", "3", "--group_by", r"^(case)_"], "more folds than the 1 patients"),
     (["--num_folds", "2", "--stage", "locator"], "--stage locator"),
     (["--num_folds", "2", "--locator_path", "x.pt"], "--locator_path"),
-    (["--group_by", "^(case)_"], "add --num_folds"),
+    (["--group_by", "^(patient)"], "matches no case id"),  # a single split groups too
 ])
 def test_bad_fold_flags_are_one_line_and_write_nothing(tiny_data, tmp_path, flags, fragment):
     run = tmp_path / "run"

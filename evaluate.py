@@ -3,6 +3,7 @@
     python evaluate.py --pred_dir runs/demo/predictions --data_dir data/phantoms_test \
         [--csv scores.csv] [--plot scores.png] [--missing_as_empty]
     python evaluate.py --crossval RUN      # a cross-validation run of train.py --num_folds
+    python evaluate.py --cardiac --pred_dir OUT --data_dir ACDC_TEST [--cardiac_labels lv=3 myo=2 rv=1]
 
 Predictions are matched to labels by case id (`<pred_dir>/<case_id>.nrrd`, `.nii.gz`, `.nii`,
 `.mha` or `.mhd`, 0/1 or 0/255); the labels are found in either dataset layout. A case without a
@@ -21,15 +22,29 @@ RUN/crossval_summary.json (per fold and pooled over all cases: the number of cas
 mean, std and median of every metric, and the empty-mask rule), and prints them as a table. A
 fold missing or unfinished is an error naming it, or, with `--partial`, named in the summary
 and left out.
+
+`--cardiac` reports cardiac function per subject of an ACDC-layout --data_dir (cardiac.py):
+LV and RV EDV, ESV, stroke volume and EF, and the LV mass, from the predicted ED/ES frames
+(`<pred_dir>/<patient>_frameYY.*`) or the predicted 4D map (`<pred_dir>/<patient>_4d.*`), and
+the same from the reference masks. ED/ES come from Info.cfg, else from the reference's LV volume
+curve, else the prediction's; the output says which per subject. It writes
+`<pred_dir>/cardiac.csv` (per subject: phases, predicted and reference values, differences),
+`<pred_dir>/cardiac_volumes.csv` (every frame's volumes), `<pred_dir>/cardiac_summary.csv` (per
+quantity: MAE, bias, limits of agreement, Pearson r, n) and `<pred_dir>/cardiac_bland_altman.png`,
+under the same rule of replacing only its own files. A subject that fails (a missing
+prediction, Info.cfg frames outside the predicted 4D map, ...) is reported at the end with exit
+status 1, the others written; when every subject fails, nothing is written.
 """
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+import cardiac
 import dataset as ds
 import labels as lbl
 import plots
@@ -52,19 +67,21 @@ def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
     return next((pred_dir / f"{case_id}{s}" for s in ds.IMAGE_SUFFIXES if (pred_dir / f"{case_id}{s}").is_file()), None)
 
 
-def written_by_us(path: Path) -> bool:
-    """A per-case table of this repository (evaluate.py's or predict.py's CSV), or our box plot."""
+def written_by_us(path: Path, csv_start: bytes = b"case_id,", png_tag: str = plots.BOX_PLOT_TAG) -> bool:
+    """A table of this repository whose header starts with `csv_start` (by default a per-case
+    table, evaluate.py's or predict.py's), or a PNG of ours tagged `png_tag` (the box plot)."""
     if path.suffix.lower() == ".png":
-        return plots.png_software(path) == plots.BOX_PLOT_TAG
+        return plots.png_software(path) == png_tag
     with open(path, "rb") as f:
-        return f.readline().startswith(b"case_id,")
+        return f.readline().startswith(csv_start)
 
 
-def check_output(path: Path, flag: str, overwrite: bool) -> None:
+def check_output(path: Path, flag: str, overwrite: bool, fix: str = "choose another name", **ours) -> None:
+    """Refuse to replace a file that evaluate.py did not write (`written_by_us(path, **ours)`)."""
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder; give a file name")
-    if path.exists() and not overwrite and not written_by_us(path):
-        raise UserError(f"{flag} {path}: exists and was not written by evaluate.py; choose another name "
+    if path.exists() and not overwrite and not written_by_us(path, **ours):
+        raise UserError(f"{flag} {path}: exists and was not written by evaluate.py; {fix} "
                         "or pass --overwrite to replace it")
 
 
@@ -160,6 +177,71 @@ def crossval(run_dir: Path, partial: bool) -> None:
     print(f"per-case table written to {run_dir / 'crossval.csv'}; summary to {run_dir / 'crossval_summary.json'}")
 
 
+# evaluate.py --cardiac's files in --pred_dir, each with how to recognise it as ours.
+CARDIAC_OUTPUTS = {"cardiac.csv": {"csv_start": b"subject,"}, "cardiac_volumes.csv": {"csv_start": b"subject,"},
+                   "cardiac_summary.csv": {"csv_start": b"quantity,"},
+                   "cardiac_bland_altman.png": {"png_tag": plots.BLAND_ALTMAN_TAG}}
+
+
+def parse_cardiac_labels(items) -> dict[str, int]:
+    """`--cardiac_labels lv=3 myo=2 rv=1` over ACDC's values (those not named keep theirs)."""
+    labels = dict(cardiac.CARDIAC_LABELS)
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in labels or not value.strip().isdigit():
+            raise UserError(f"--cardiac_labels {item}: expected NAME=VALUE with NAME one of "
+                            f"{', '.join(labels)} and VALUE a label value, e.g. lv=3")
+        labels[name] = int(value)
+    try:
+        return cardiac.check_labels(labels)
+    except ValueError as e:
+        raise UserError(f"--cardiac_labels: {e}") from None
+
+
+def cardiac_evaluation(pred_dir: Path, data_dir, labels: dict[str, int], overwrite: bool) -> None:
+    """Cardiac function of every subject of `data_dir` from the predictions in `pred_dir`:
+    the tables and the Bland-Altman plot written there, the summary printed (cardiac.py)."""
+    outputs = {name: pred_dir / name for name in CARDIAC_OUTPUTS}
+    for name, path in outputs.items():
+        check_output(path, "--cardiac", overwrite, "move it", **CARDIAC_OUTPUTS[name])
+    cases = ds.find_cases(data_dir, require_labels=False)
+    if not cardiac.group_subjects(cases):
+        raise UserError(f"--data_dir {data_dir}: no ACDC subjects (<patient>/Info.cfg with its frames or "
+                        "<patient>_4d.nii.gz); --cardiac needs each subject's cine frames")
+    subjects, failed = cardiac.evaluate_subjects(cases, pred_dir, find_prediction, labels)
+    if not subjects:
+        more = f" (and {len(failed) - 1} more subject(s) failed)" if len(failed) > 1 else ""
+        raise UserError(f"{failed[0]}{more}")
+    summary = cardiac.summary_rows(subjects)
+    write_csv(outputs["cardiac.csv"], [cardiac.subject_row(s) for s in subjects])
+    write_csv(outputs["cardiac_volumes.csv"], [r for s in subjects for r in cardiac.volume_rows(s)])
+    write_csv(outputs["cardiac_summary.csv"], summary)
+    paired = [s for s in subjects if s.ref is not None]
+    units = {key: (name, unit) for key, name, unit, _ in cardiac.QUANTITIES}
+    plots.bland_altman(outputs["cardiac_bland_altman.png"], {
+        units[key][0]: ([getattr(s.pred, key) for s in paired], [getattr(s.ref, key) for s in paired], units[key][1])
+        for key in cardiac.PLOTTED})
+
+    print(f"cardiac function of {len(subjects)} subject(s); labels "
+          + " ".join(f"{name}={value}" for name, value in labels.items()))
+    print(cardiac.format_subject_table(subjects))
+    for s in subjects:
+        for source, fn in (("pred", s.pred), ("ref", s.ref)):
+            for note in fn.notes if fn else ():
+                print(f"note: {s.subject} {source}: {note}, left out of its agreement statistics")
+    print(f"rules: {cardiac.PHASES_RULE}; {cardiac.EF_RULE}")
+    print(f"agreement over {len(paired)} subject(s) with reference masks (prediction - reference, "
+          f"LoA = bias +- {cardiac.LOA_Z} SD):")
+    for row, (_, name, _, diff_unit) in zip(summary, cardiac.QUANTITIES):
+        print("  " + cardiac.format_summary_line(name, diff_unit, row))
+    print(f"per-subject table written to {outputs['cardiac.csv']}, volumes of every frame to "
+          f"{outputs['cardiac_volumes.csv']}, summary to {outputs['cardiac_summary.csv']}, "
+          f"Bland-Altman plot to {outputs['cardiac_bland_altman.png']}")
+    if failed:
+        print(f"{len(failed)} subject(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv=None):
     p = ArgParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pred_dir", help="folder of predicted masks <case_id>.nrrd")
@@ -174,8 +256,31 @@ def main(argv=None):
                    help="also score these regions of label values (e.g. whole_tumour=1,2,3 tumour_core=2,3 "
                         "enhancing=3) beside each class")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace files at --csv/--plot that evaluate.py did not write")
+                   help="replace files at --csv/--plot (or --cardiac's) that evaluate.py did not write")
+    heart = p.add_argument_group("cardiac function (ACDC layout)")
+    heart.add_argument("--cardiac", action="store_true",
+                       help="instead: EDV, ESV, SV, EF and LV mass per subject against the reference masks, "
+                            "written to <pred_dir>/cardiac*.csv and cardiac_bland_altman.png")
+    heart.add_argument("--cardiac_labels", nargs="+", metavar="NAME=VALUE", default=None,
+                       help="label values of the structures, for data not labelled as ACDC "
+                            "(default: lv=3 myo=2 rv=1)")
     args = p.parse_args(argv)
+    if args.cardiac_labels and not args.cardiac:
+        raise UserError("--cardiac_labels applies to --cardiac only; add --cardiac or drop it")
+    if args.cardiac:
+        given = [f for f, v in (("--crossval", args.crossval), ("--csv", args.csv), ("--plot", args.plot),
+                                ("--regions", args.regions), ("--missing_as_empty", args.missing_as_empty),
+                                ("--partial", args.partial)) if v]
+        if given:
+            raise UserError(f"--cardiac writes its own files into --pred_dir and scores every subject: "
+                            f"drop {', '.join(given)}")
+        if not (args.pred_dir and args.data_dir):
+            raise UserError("--cardiac needs --pred_dir and --data_dir")
+        if not Path(args.pred_dir).is_dir():
+            raise UserError(f"--pred_dir {args.pred_dir}: no such folder")
+        cardiac_evaluation(Path(args.pred_dir), args.data_dir, parse_cardiac_labels(args.cardiac_labels),
+                           args.overwrite)
+        return
     if args.crossval:
         if args.pred_dir or args.data_dir:
             raise UserError("--crossval reads the run's own validation predictions: drop --pred_dir/--data_dir")

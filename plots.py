@@ -1,16 +1,21 @@
 """The figures the scripts write, each a PNG written atomically: training curves, the box plot
-of an evaluation, a prediction's overlay on its scan, and a grid of augmented training samples.
+of an evaluation, the Bland-Altman plot of cardiac function, a prediction's overlay on its scan,
+and a grid of augmented training samples.
 matplotlib is imported inside each function (its Agg canvas, no display), so that importing
 this module costs nothing to a run that draws no figure."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from cardiac import agreement
 from dataset import bounding_box
 from metrics import STRUCTURE, describe_structures
 from utils import atomic_write
 
 BOX_PLOT_TAG = "evaluate.py box plot"  # PNG "Software" text: marks a box plot as ours to replace
+BLAND_ALTMAN_TAG = "evaluate.py Bland-Altman plot"  # likewise for evaluate.py --cardiac
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PREDICTION_COLOUR, LABEL_COLOUR = "#ffb000", "#00c8ff"
 
@@ -119,6 +124,44 @@ def _structure_box_plot(path, rows: list[dict]) -> None:
     cases = max(stats[n]["cases"] for n in names)
     fig.suptitle(f"{cases} case(s), {len(names)} structure(s)", fontsize=10)
     _save_box_plot(path, fig)
+
+
+def bland_altman(path, pairs: dict) -> dict[str, dict]:
+    """Bland-Altman plot, one panel per quantity: each subject a dot at the mean of prediction
+    and reference (x) and their difference, prediction - reference (y), with the bias (solid)
+    and the limits of agreement (dashed) of `cardiac.agreement`. Tagged with BLAND_ALTMAN_TAG.
+
+    pairs: name -> (pred values, ref values, unit), the values 1-D and paired by position; a
+    pair with a NaN is not drawn and not counted. Returns name -> the agreement drawn.
+    """
+    if not pairs:
+        raise ValueError("bland_altman: no quantities given")
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig = _figure(figsize=(4.2 * cols, 3.6 * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).ravel()
+    drawn = {}
+    for ax, (name, (pred, ref, unit)) in zip(axes, pairs.items()):
+        p, r = np.asarray(pred, dtype=np.float64).ravel(), np.asarray(ref, dtype=np.float64).ravel()
+        stats = agreement(p, r)
+        keep = np.isfinite(p) & np.isfinite(r)
+        ax.plot((p[keep] + r[keep]) / 2, p[keep] - r[keep], "o", ms=4, alpha=0.7, color="tab:blue")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        for y, style in ((stats["bias"], "-"), (stats["loa_low"], "--"), (stats["loa_high"], "--")):
+            if math.isfinite(y):
+                ax.axhline(y, color="tab:red", linestyle=style, linewidth=1)
+        if stats["n"] == 0:
+            ax.text(0.5, 0.5, "no subject with a reference", transform=ax.transAxes, ha="center", fontsize=9)
+        ax.set_xlabel(f"mean of prediction and reference ({unit})", fontsize=8)
+        ax.set_ylabel(f"prediction - reference ({unit})", fontsize=8)
+        ax.set_title(f"{name} (n={stats['n']})\nbias {stats['bias']:.1f} (solid), "
+                     f"LoA [{stats['loa_low']:.1f}, {stats['loa_high']:.1f}] (dashed)", fontsize=9)
+        ax.grid(alpha=0.3)
+        drawn[name] = stats
+    for ax in axes[len(pairs):]:
+        ax.set_axis_off()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, metadata={"Software": BLAND_ALTMAN_TAG}))
+    return drawn
 
 
 def slice_centre(mask: np.ndarray, label: np.ndarray | None) -> tuple[int, int, int]:

@@ -229,6 +229,12 @@ def cardiac_evaluation(pred_dir: Path, data_dir, labels: dict[str, int], overwri
         for source, fn in (("pred", s.pred), ("ref", s.ref)):
             for note in fn.notes if fn else ():
                 print(f"note: {s.subject} {source}: {note}, left out of its agreement statistics")
+    scored = [(c, find_prediction(pred_dir, c.case_id)) for c in cases if c.label is not None]
+    scored = [(c, path) for c, path in scored if path is not None]
+    if scored:  # the frames' overlap beside the function they give
+        classes = dataset_labels(data_dir, [c for c, _ in scored])
+        print(f"Dice per class over the {len(scored)} labelled frame(s):")
+        print(format_structure_table([r for c, path in scored for r in score(c, path, classes)]))
     print(f"rules: {cardiac.PHASES_RULE}; {cardiac.EF_RULE}")
     print(f"agreement over {len(paired)} subject(s) with reference masks (prediction - reference, "
           f"LoA = bias +- {cardiac.LOA_Z} SD):")

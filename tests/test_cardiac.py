@@ -229,6 +229,9 @@ def test_evaluate_cardiac_prints_ef_errors_and_writes_tables_and_plot(acdc):
     assert f"{ref_ef:.1f}" in p1 and f"{pred_ef:.1f}" in p1 and f"{pred_ef - ref_ef:.1f}" in p1
     assert any(line.strip().startswith("LV EF: MAE ") and "pp, bias " in line and "LoA [" in line and "(n=3)" in line
                for line in lines), run.stdout
+    assert "Dice per class over the" in run.stdout  # the frames' overlap beside their function
+    lv = next(line for line in lines if line.startswith("LV cavity"))
+    assert float(lv.split()[3].split("+-")[0]) < 1.0  # patient001's eroded prediction scores below 1
 
 
 def test_evaluate_cardiac_replaces_its_own_files_but_not_others(acdc):

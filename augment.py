@@ -180,8 +180,9 @@ def add_augment_args(group) -> None:
     a = Augmenter()
     group.add_argument("--p_flip", type=float, default=a.p_flip, help="probability of mirroring W (left-right)")
     group.add_argument("--p_rotate", type=float, default=a.p_rotate, help="probability of an in-plane rotation")
-    group.add_argument("--max_rotation", type=float, default=a.max_degrees,
-                       help="largest rotation about the depth axis, degrees")
+    group.add_argument("--max_rotation", type=float,
+                       help=f"largest rotation about the depth axis, degrees (unset: {a.max_degrees:g}, or the "
+                            "caller's default)")
     group.add_argument("--p_translate", type=float, default=a.p_translate,
                        help="probability of an in-plane translation")
     group.add_argument("--max_translation", type=int, default=a.max_translation,
@@ -215,7 +216,8 @@ def augmenter_from_args(args, voxel_scale: float = 1.0) -> Augmenter:
     """
     unset = Augmenter()
     args = argparse.Namespace(**{**vars(args), "p_scale": unset.p_scale if args.p_scale is None else args.p_scale,
-                                 "max_offset": unset.max_offset if args.max_offset is None else args.max_offset})
+                                 "max_offset": unset.max_offset if args.max_offset is None else args.max_offset,
+                                 "max_rotation": unset.max_degrees if args.max_rotation is None else args.max_rotation})
     for name in ("p_flip", "p_rotate", "p_translate", "p_elastic", "p_scale", "p_noise"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name} {getattr(args, name)}: a probability must lie in [0, 1]")

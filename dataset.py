@@ -896,13 +896,17 @@ class PatchSampler:
         return int(t[z1, y1, x1] - t[z0, y1, x1] - t[z1, y0, x1] - t[z1, y1, x0]
                    + t[z0, y0, x1] + t[z0, y1, x0] + t[z1, y0, x0] - t[z0, y0, x0])
 
+    def anywhere(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """A patch start drawn uniformly, without regard to the foreground."""
+        highs = [max(n - s, 0) + 1 for n, s in zip(self.shape, self.size)]
+        return tuple(int(rng.integers(0, h)) - max(s - n, 0) // 2 for h, s, n in zip(highs, self.size, self.shape))
+
     def __call__(self, rng: np.random.Generator) -> tuple[int, int, int]:
         """One patch start (may be negative or reach past the volume where the patch is larger
         than it: `crop` fills there)."""
-        highs = [max(n - s, 0) + 1 for n, s in zip(self.shape, self.size)]
         least = (1 - self.max_background) * math.prod(self.size)
         for _ in range(self.max_tries):
-            start = tuple(int(rng.integers(0, h)) - max(s - n, 0) // 2 for h, s, n in zip(highs, self.size, self.shape))
+            start = self.anywhere(rng)
             if self.foreground_in(start) >= least - 1e-9:
                 return start
         if self.foreground.size == 0:

@@ -206,14 +206,16 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 @torch.no_grad()
 def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, device: torch.device,
                    overlap: float = 0.5, batch_size: int = 4, pad_value=0.0, activation=None,
-                   tta: bool = False) -> np.ndarray:
+                   tta: bool = False, context: int = 0) -> np.ndarray:
     """The models' outputs over a whole (C, D, H, W) volume, float32 (K, D, H, W): windows of
     `window` voxels overlapping by `overlap`, `batch_size` windows per forward pass, each
     window's output weighted by `gaussian_weights` and the weighted sum divided by the summed
     weights, the mean over `models`. `activation` (e.g. torch.sigmoid) is applied to each window's
     output before it is averaged; without one the logits are. `tta`: each window's output is
     the mean over it and its W-mirror (mirrored back). An axis shorter than its window is padded
-    at its end with `pad_value` (a number, or one per channel) and cut back after.
+    at its end with `pad_value` (a number, or one per channel) and cut back after. `context`:
+    each window's input reaches that many slices further on both sides along D (a 2D model's
+    neighbouring slices, `VNet(context_slices=...)`), `pad_value` beyond the volume.
     One accumulator of K channels is held beside the input (no copy of it unless it needs
     padding); the summed weights are three vectors (`summed_profile`)."""
     if not 0 <= overlap < 1:
@@ -221,10 +223,10 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
     channels, shape = volume.shape[0], volume.shape[1:]
     padded_shape = tuple(max(n, w) for n, w in zip(shape, window))
     x = volume
-    if padded_shape != tuple(shape):
-        x = np.empty((channels, *padded_shape), np.float32)
+    if padded_shape != tuple(shape) or context:
+        x = np.empty((channels, padded_shape[0] + 2 * context, *padded_shape[1:]), np.float32)
         x[...] = np.asarray(pad_value, np.float32).reshape(-1, 1, 1, 1)
-        x[(slice(None), *(slice(0, n) for n in shape))] = volume
+        x[(slice(None), slice(context, context + shape[0]), *(slice(0, n) for n in shape[1:]))] = volume
     weights = torch.from_numpy(gaussian_weights(window)).to(device)
     axis_starts = [window_starts(n, w, overlap) for n, w in zip(padded_shape, window)]
     starts = [(z, y, xx) for z in axis_starts[0] for y in axis_starts[1] for xx in axis_starts[2]]
@@ -232,7 +234,8 @@ def sliding_window(models: list[torch.nn.Module], volume: np.ndarray, window, de
     with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
         for i in range(0, len(starts), batch_size):
             boxes = [tuple(slice(s, s + w) for s, w in zip(start, window)) for start in starts[i:i + batch_size]]
-            batch = torch.from_numpy(np.stack([x[(slice(None), *box)] for box in boxes]).astype(np.float32, copy=False))
+            inputs = [(slice(None), slice(b[0].start, b[0].stop + 2 * context), *b[1:]) for b in boxes]
+            batch = torch.from_numpy(np.stack([x[box] for box in inputs]).astype(np.float32, copy=False))
             batch = batch.to(device, memory_format=memory_format(device))
             for model in models:
                 out = model(batch).float()
@@ -294,7 +297,8 @@ def _channels(config: dict) -> tuple:
 
 def _agree_segmenters(ckpts: list[tuple[Path, dict]], flag: str) -> None:
     """The segmenters of an ensemble (either strategy) share their input and classes."""
-    _agree(ckpts, flag, "spatial dimensions", lambda c: c["arch"].get("spatial_dims", 3))
+    _agree(ckpts, flag, "spatial dimensions and context slices",
+           lambda c: (c["arch"].get("spatial_dims", 3), c["arch"].get("context_slices", 0)))
     # None (a 2D model's slice axis: each scan's own) compares as -1, which no spacing equals.
     _agree(ckpts, flag, "spacings", lambda c: [-1.0 if s is None else s for s in c["spacing"]], ds.same_spacing)
     _agree(ckpts, flag, "input channels and classes", _channels)
@@ -465,7 +469,7 @@ def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan"
     work = ds.resample_channels(image, props, spacing) if resampled else image
     pads = ds.normalise(work, pipe.normalization)
     probs = sliding_window(pipe.models, work, pipe.patch_size, pipe.device, pipe.overlap, pipe.batch_size, pads,
-                           ACTIVATIONS[pipe.labels.activation], pipe.tta)
+                           ACTIVATIONS[pipe.labels.activation], pipe.tta, pipe.models[0].context)
     return _back_onto(probs, spacing, image, props) if resampled else probs
 
 

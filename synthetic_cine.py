@@ -48,6 +48,7 @@ DOMAINS = ("a", "b")
 MIN_FRAMES, MAX_FRAMES = 8, 40
 SUB_SLICES = 5  # samples across a slice's thickness: the image averages them, the label takes their majority
 MYOCARDIUM_DENSITY = 1.05  # g/ml, the usual convention for the LV mass
+VALVE_MM = 1.5  # half-thickness of the dark mitral annulus and leaflets along the LV's base plane
 RV, MYO, LV = 1, 2, 3  # ACDC's labels: RV cavity, LV myocardium, LV cavity (papillary muscles included)
 
 # Tissue classes of the image, the columns of CONTRAST.
@@ -329,7 +330,8 @@ def _render_heart(x: np.ndarray, y: np.ndarray, z: np.ndarray, heart: _Heart, t:
     a_epi, c_epi = float(heart.a_epi[t]), float(heart.c[t] + heart.apex_wall)
     dz = (z - c).astype(np.float32)[:, None, None]   # height above the common centre (L, 1, 1)
     tilt = heart.tan_tilt * heart.high_side
-    below = dz < h + float(tilt[0]) * x + float(tilt[1]) * y
+    plane = h + float(tilt[0]) * x + float(tilt[1]) * y
+    below = dz < plane
     r_cav2 = a * a * np.clip(1 - dz * dz / (c * c), 0, None)
     r_epi2 = a_epi * a_epi * np.clip(1 - dz * dz / (c_epi * c_epi), 0, None)
     cavity = below & (r2 <= r_cav2)
@@ -375,6 +377,10 @@ def _render_heart(x: np.ndarray, y: np.ndarray, z: np.ndarray, heart: _Heart, t:
     label[epi] = MYO
     cls[cavity] = BLOOD
     label[cavity] = LV
+    # The mitral annulus and leaflets: a dark band along the base plane over the LV's footprint,
+    # the image's only mark of where the cavity ends and the atrium begins in a slice the plane
+    # crosses (the label keeps the plane; without the band, one pool of blood would hold both).
+    cls[(np.abs(dz - plane) < VALVE_MM) & (r2 <= r_epi2)] = MYOCARDIUM
     # Papillary muscles: myocardial signal in the mid and apical cavity, labelled cavity (ACDC).
     levels = (z > 0.15 * (c + h)) & (z < 0.55 * (c + h))
     if levels.any():

@@ -48,6 +48,12 @@ from utils import ArgParser, UserError, parse_bool, run_cli, write_json
 STAGES = ["locator", "segmenter"]
 STRATEGIES = ("two_stage", "patches")
 DEMO_DATA = "data/phantoms"  # the default --data_dir: phantoms are generated there when it is absent
+# In 2D most patches are drawn anywhere: slices beyond the base and the apex, where a 2D network
+# must learn that the heart ends, hold no foreground and are never drawn otherwise (docs/cardiac.md).
+FOREGROUND_FRACTION_2D = 0.33
+# Short-axis slices are rotated in plane from subject to subject far more than the reference's 3
+# degrees cover; a 2D model trains with rotations up to this many degrees (docs/cardiac.md).
+ROTATION_2D = 15.0
 
 
 def parse_args(argv=None, defaults: dict | None = None):
@@ -94,6 +100,9 @@ def parse_args(argv=None, defaults: dict | None = None):
     m.add_argument("--spatial_dims", type=int, choices=(2, 3), default=3,
                    help="2: a V-Net of 2D convolutions trained on slices (or in-plane patches) along the scan's first "
                         "array axis (the slice stack), predicting slice by slice (--strategy patches)")
+    m.add_argument("--context_slices", type=int, default=0,
+                   help="2D: also give the model this many neighbouring slices on each side of its slice, as "
+                        "channels (2.5D); 0: the slice alone")
     m.add_argument("--init_from", metavar="CKPT",
                    help="transfer learning: start the segmenter (or patch network) from another run's checkpoint, "
                         "tensors matched by name and shape (2D and 3D kernels converted); the output layer starts "
@@ -145,6 +154,10 @@ def parse_args(argv=None, defaults: dict | None = None):
                         "undeclared channels")
     c.add_argument("--max_background", type=float, default=0.95,
                    help="patches: a patch with more background than this fraction is redrawn")
+    c.add_argument("--foreground_fraction", type=float,
+                   help="patches: the fraction of patches drawn with the foreground bias (--max_background); the "
+                        "others anywhere, so that the network also sees what lies beyond the structure (default: 1 "
+                        f"in 3D, {FOREGROUND_FRACTION_2D} in 2D)")
     c.add_argument("--max_tries", type=int, default=1000,
                    help="patches: draws before a patch is centred on a random foreground voxel instead")
     c.add_argument("--overlap", type=float, default=0.5,
@@ -204,6 +217,12 @@ def check_args(args) -> None:
         raise UserError(f"--val_fraction {args.val_fraction}: must lie in [0, 1)")
     if not 0 < args.max_background <= 1:
         raise UserError(f"--max_background {args.max_background}: must lie in (0, 1] (0.95: at least 5 % foreground)")
+    if args.foreground_fraction is None:
+        args.foreground_fraction = FOREGROUND_FRACTION_2D if args.spatial_dims == 2 else 1.0
+    if args.max_rotation is None and args.spatial_dims == 2:
+        args.max_rotation = ROTATION_2D
+    if not 0 <= args.foreground_fraction <= 1:
+        raise UserError(f"--foreground_fraction {args.foreground_fraction}: must lie in [0, 1]")
     if args.max_tries < 1:
         raise UserError(f"--max_tries {args.max_tries}: must be at least 1")
     if not 0 <= args.overlap < 1:
@@ -218,6 +237,9 @@ def check_args(args) -> None:
                         "--strategy patches trains one network and no locator; drop it")
     if min(args.padding) < 0:
         raise UserError(f"--padding {' '.join(map(str, args.padding))}: must be 0 or more")
+    if args.context_slices < 0 or (args.context_slices and args.spatial_dims != 2):
+        raise UserError(f"--context_slices {args.context_slices}: neighbouring slices are a 2D model's input; "
+                        "give a number of 1 or more with --spatial_dims 2, or 0")
     if args.patch_size and len(args.patch_size) != (2 if args.spatial_dims == 2 else 3):
         raise UserError(f"--patch_size {' '.join(map(str, args.patch_size))}: give "
                         + ("H W (two sizes) for --spatial_dims 2" if args.spatial_dims == 2 else "D H W (three sizes)"))
@@ -260,7 +282,8 @@ def stage_settings(args, stage: str) -> training.StageSettings:
             batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
             max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch,
             loss_criterion=args.loss_criterion, augment=augmenter_from_args(args),
-            patch_size=patch_of(args), max_background=args.max_background,
+            patch_size=patch_of(args), max_background=args.max_background, foreground_fraction=args.foreground_fraction,
+            context_slices=args.context_slices,
             max_tries=args.max_tries, overlap=args.overlap, cache_cases=args.cache_cases,
             augmentation_grid=args.augmentation_grid, **shared)
     return training.SegmenterSettings(
@@ -278,7 +301,8 @@ def stage_model(args, stage: str, in_channels: int = 1, out_channels: int = 1) -
         return VNet(in_channels, 1, base_channels=args.base_channels)
     return VNet(in_channels, out_channels, num_layers=args.num_layers, dilation=args.dilation,
                 base_channels=args.base_channels, attention_module=args.attention_module, reduction=args.reduction,
-                attention_dilation=args.attention_dilation, spatial_dims=args.spatial_dims)
+                attention_dilation=args.attention_dilation, spatial_dims=args.spatial_dims,
+                context_slices=args.context_slices)
 
 
 def patch_of(args) -> tuple[int, int, int] | None:

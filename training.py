@@ -119,6 +119,8 @@ class SegmenterSettings(StageSettings):
 class PatchSettings(StageSettings):
     patch_size: tuple | None = None       # None: the data's median shape (`Survey.patch_size`)
     max_background: float = 0.95          # a patch with more background is redrawn (ds.PatchSampler)
+    foreground_fraction: float = 1.0      # of the patches drawn so; the others anywhere
+    context_slices: int = 0               # a 2D model's neighbouring slices on each side (VNet)
     max_tries: int = 1000
     overlap: float = 0.5                  # of the sliding window that validates (and predicts)
     cache_cases: bool | None = None       # None: while under CASE_CACHE_LIMIT
@@ -454,7 +456,11 @@ def write_augmentation_grid(path, train_set, labels: Labels) -> None:
         return
     train_set.sampler.set_epoch(0)
     samples = [train_set[j] for j in range(min(8, len(train_set)))]
-    plots.augmentation_grid(path, [(x[0], (y[1:] if labels.activation == "softmax" else y).amax(0))
+    def centre(image, depth):  # a 2D model's context slices around its label's slice are left out
+        skip = (len(image) - depth) // 2
+        return image[skip:skip + depth]
+
+    plots.augmentation_grid(path, [(centre(x[0], y.shape[1]), (y[1:] if labels.activation == "softmax" else y).amax(0))
                                    for x, y, *_ in samples])
     print(f"augmented training samples: {path}")
 
@@ -561,10 +567,15 @@ class PatchSet(torch.utils.data.Dataset):
     def __getitem__(self, j):
         i, rng = self.sampler.draw(j)
         case = self.data[i] or load_volume_case(self.cases[i], self.survey, self.settings, self.patch)
-        start = case.sampler(rng)
-        image = ds.crop(case.image, start, self.patch, case.pads)
-        label = ds.crop(case.label, start, self.patch, 0)
+        fraction = self.settings.foreground_fraction
+        # (No draw when every patch is biased, so such runs keep their random numbers.)
+        start = case.sampler(rng) if fraction >= 1 or rng.random() < fraction else case.sampler.anywhere(rng)
+        k = self.settings.context_slices  # a 2D model's neighbouring slices come along, and go after augmentation
+        start, size = (start[0] - k, *start[1:]), (self.patch[0] + 2 * k, *self.patch[1:])
+        image = ds.crop(case.image, start, size, case.pads)
+        label = ds.crop(case.label, start, size, 0)
         image, label = self.settings.augment(image, label, rng)
+        label = label[k:len(label) - k]
         return training_item(image, label, self.survey.labels, self.distance_spacing)
 
 
@@ -596,7 +607,7 @@ def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase 
         for i in val_ids[rank::size]:
             case = data[i] or load_volume_case(by_id[i], survey, settings, patch)
             probs = inference.sliding_window([net], case.image, patch, device, settings.overlap, settings.batch_size,
-                                             case.pads, activation)
+                                             case.pads, activation, context=settings.context_slices)
             scores.append(mean_dice(probs, case.label, survey.labels))
         return scores
 

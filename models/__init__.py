@@ -4,14 +4,16 @@ from models.vnet import VNet
 
 # Keys a record may lack because it was written before they existed; the defaults are what
 # those checkpoints were trained with.
-ARCH_DEFAULTS = {"attention_module": False, "reduction": 4, "attention_dilation": 4, "spatial_dims": 3}
+ARCH_DEFAULTS = {"attention_module": False, "reduction": 4, "attention_dilation": 4, "spatial_dims": 3,
+                 "context_slices": 0}
 ARCH_KEYS = ("in_channels", "out_channels", "num_layers", "dilation", "base_channels", *ARCH_DEFAULTS)
 
 
 def build_model(arch: dict):
     """`arch`: {"name": "vnet", "in_channels", "out_channels", "num_layers", "dilation",
-    "base_channels", "attention_module", "reduction", "attention_dilation", "spatial_dims"}, as
-    written by `model_arch`; the last four may be missing (older checkpoints: no attention, 3D)."""
+    "base_channels", "attention_module", "reduction", "attention_dilation", "spatial_dims",
+    "context_slices"}, as written by `model_arch`; the last five may be missing (older
+    checkpoints: no attention, 3D)."""
     if arch.get("name") != "vnet":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     full = {**ARCH_DEFAULTS, **arch}
@@ -35,6 +37,8 @@ def describe(arch: dict) -> str:
         parts.append(f"base_channels={full['base_channels']}")
     if full["attention_module"]:
         parts.append(f"attention r={full['reduction']} d={full['attention_dilation']}")
+    if full["context_slices"]:
+        parts.append(f"{full['context_slices']} context slice(s) a side")
     name = "2D V-Net" if full["spatial_dims"] == 2 else "V-Net"
     return name + (f" ({', '.join(parts)})" if parts else "")
 

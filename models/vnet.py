@@ -27,19 +27,22 @@ class ConvStack(nn.Sequential):
 
 class InputStage(nn.Module):
     """One 5x5x5 convolution to `out_ch` channels, with the input added back (broadcast
-    over channels, as V-Net does with its single-channel input)."""
+    over channels, as V-Net does with its single-channel input). With `context` neighbouring
+    slices on each side stacked into the channels (a 2D model's slice and its neighbours), the
+    convolution sees all of them and the slice's own `in_ch` channels are added back."""
 
-    def __init__(self, in_ch: int, out_ch: int, dilation: int = 1, dims: int = 3):
+    def __init__(self, in_ch: int, out_ch: int, dilation: int = 1, dims: int = 3, context: int = 0):
         super().__init__()
-        self.conv = CONV[dims](in_ch, out_ch, 5, padding=2 * dilation, dilation=dilation)
+        self.conv = CONV[dims](in_ch * (2 * context + 1), out_ch, 5, padding=2 * dilation, dilation=dilation)
         self.act = nn.PReLU(out_ch)
         self.residual = out_ch % in_ch == 0
         self.repeat = out_ch // in_ch
+        self.own = slice(context * in_ch, (context + 1) * in_ch)  # the centre slice's channels
 
     def forward(self, x):
         out = self.act(self.conv(x))
         if self.residual:
-            out = out + x.repeat_interleave(self.repeat, dim=1)
+            out = out + x[:, self.own].repeat_interleave(self.repeat, dim=1)
         return out
 
 
@@ -108,21 +111,25 @@ class VNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, num_layers: int = 1,
                  dilation: int = 1, base_channels: int = 8, attention_module: bool = False,
-                 reduction: int = 4, attention_dilation: int = 4, spatial_dims: int = 3):
+                 reduction: int = 4, attention_dilation: int = 4, spatial_dims: int = 3,
+                 context_slices: int = 0):
         super().__init__()
         if num_layers < 1 or dilation < 1 or base_channels < 1:
             raise ValueError(f"num_layers, dilation and base_channels must be >= 1, got "
                              f"{num_layers}, {dilation}, {base_channels}")
         if spatial_dims not in CONV:
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if context_slices < 0 or (context_slices and spatial_dims != 2):
+            raise ValueError(f"context_slices must be 0, or >= 1 for a 2D model, got {context_slices}")
         if reduction < 1 or attention_dilation < 1:
             raise ValueError(f"reduction and attention_dilation must be >= 1, got {reduction}, {attention_dilation}")
         self.arch = dict(in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
                          dilation=dilation, base_channels=base_channels, attention_module=bool(attention_module),
-                         reduction=reduction, attention_dilation=attention_dilation, spatial_dims=spatial_dims)
-        self.spatial_dims = d = spatial_dims
+                         reduction=reduction, attention_dilation=attention_dilation, spatial_dims=spatial_dims,
+                         context_slices=context_slices)
+        self.spatial_dims, self.context = d, k = spatial_dims, context_slices
         c, n = base_channels, num_layers
-        self.input = InputStage(in_channels, c, dilation, d)
+        self.input = InputStage(in_channels, c, dilation, d, k)
         self.down1 = DownStage(c, n, dilation, d)            # 2c,  1/2
         self.down2 = DownStage(2 * c, n, dilation, d)        # 4c,  1/4
         self.down3 = DownStage(4 * c, n + 1, dilation, d)    # 8c,  1/8
@@ -246,8 +253,11 @@ class VNet(nn.Module):
 
     def forward(self, x):
         if self.spatial_dims == 2 and x.dim() == 5:  # a stack of slices: each slice on its own
-            b, c, depth = x.shape[:3]
-            slices = x.transpose(1, 2).reshape(b * depth, c, *x.shape[3:])
+            k = self.context  # each output slice sees k input slices on either side: D - 2k out
+            b, c, depth = x.shape[0], x.shape[1], x.shape[2] - 2 * k
+            assert depth >= 1, f"a stack of {x.shape[2]} slices is too short for {k} context slices a side"
+            windows = x.unfold(2, 2 * k + 1, 1)                      # (B, C, D', H, W, 2k + 1)
+            slices = windows.permute(0, 2, 5, 1, 3, 4).reshape(b * depth, (2 * k + 1) * c, *x.shape[3:])
             out = self(slices)
             return out.reshape(b, depth, -1, *x.shape[3:]).transpose(1, 2)
         assert x.dim() == 2 + self.spatial_dims, f"expected a {self.spatial_dims}D batch, got {tuple(x.shape)}"

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 
 import dataset as ds
+import inference
 import predict
 import splits
 import train
@@ -248,6 +249,9 @@ def test_freeze_encoder_keeps_it_bit_identical_then_trains_it(acdc, run2d, tmp_p
     (["--freeze_encoder_epochs", "-1"], "--freeze_encoder_epochs -1"),
     (["--init_from", "nowhere.pt"], "--init_from nowhere.pt"),
     (["--locator_init_from", "nowhere.pt"], "--locator_init_from"),
+    (["--foreground_fraction", "1.5"], "--foreground_fraction 1.5"),
+    (["--spatial_dims", "3", "--patch_size", "16", "16", "16", "--strategy", "patches", "--context_slices", "1"],
+     "--context_slices 1"),
 ])
 def test_bad_2d_and_transfer_flags_are_one_line_and_write_nothing(acdc, tmp_path, flags, fragment):
     run = tmp_path / "run"
@@ -321,3 +325,88 @@ def msd3d_like(acdc, tmp_path_factory):
                       "--device", "cpu")
     assert result.returncode == 0, result.stderr
     return acdc / "patient001" / "patient001_frame01.nii.gz", run / "segmenter" / "best.pt"
+
+
+# ----------------------------------------------------------------------------- sampling slices
+
+def test_sampler_anywhere_covers_every_start_uniformly():
+    label = np.zeros((3, 6, 6), np.uint8)
+    label[1, 2, 2] = 1
+    sampler = ds.PatchSampler(label, (1, 4, 4))
+    rng = np.random.default_rng(0)
+    counts = {}
+    for _ in range(2700):
+        start = sampler.anywhere(rng)
+        counts[start] = counts.get(start, 0) + 1
+    assert len(counts) == 3 * 3 * 3 and min(counts.values()) > 60  # 27 starts, about 100 each
+    assert all(sampler.foreground_in(sampler(rng)) > 0 for _ in range(50))  # the biased draw keeps its rule
+
+
+@pytest.mark.parametrize("fraction, empty", [(1.0, False), (0.0, True)])
+def test_foreground_fraction_lets_slices_beyond_the_heart_be_drawn(acdc, fraction, empty):
+    cases = ds.find_cases(acdc, require_labels=True)[:2]
+    survey = training.read_survey(cases, [c.case_id for c in cases], ds.read_dataset_json(acdc), spatial_dims=2)
+    settings = training.PatchSettings(batch_size=1, learning_rate=1e-3, patience=1, reduce=0.5, max_epochs=1,
+                                      samples_per_epoch=64, loss_criterion="DiceCE", augment=lambda x, y, rng: (x, y),
+                                      max_background=0.95, foreground_fraction=fraction)
+    patch = (1, 16, 16)
+    data = training.load_volume_cases(cases, survey, settings, patch)
+    patches = training.PatchSet(cases, data, survey, settings, patch, training.EpochSampler(2, 64, 0))
+    patches.sampler.set_epoch(1)
+    foreground = [float(patches[j][1][1:].sum()) for j in range(64)]  # the softmax target's classes
+    assert any(f == 0 for f in foreground) == empty  # the empty end slices (0 and 4) are drawn only anywhere
+
+
+# ----------------------------------------------------------------------------- neighbouring slices (2.5D)
+
+def test_context_slices_stack_each_slices_neighbours_into_channels():
+    torch.manual_seed(0)
+    model = VNet(2, 3, base_channels=2, spatial_dims=2, context_slices=1).eval()
+    stack = torch.randn(1, 2, 5, 32, 32)
+    with torch.no_grad():
+        out = model(stack)
+        assert out.shape == (1, 3, 3, 32, 32)  # two slices fewer: the ends serve as context only
+        for z in range(1, 4):  # slice z with z - 1 and z + 1, slice-major: (z-1: c0 c1, z: c0 c1, z+1: c0 c1)
+            channels = stack[:, :, z - 1:z + 2].transpose(1, 2).reshape(1, 6, 32, 32)
+            assert torch.allclose(out[:, :, z - 1], model(channels), atol=1e-5)
+    assert model.input.own == slice(2, 4) and model_arch(model)["context_slices"] == 1
+    with pytest.raises(ValueError, match="context_slices"):
+        VNet(context_slices=1)  # a 3D model sees its neighbours already
+
+
+class Neighbour(torch.nn.Module):
+    """A stand-in 2D model with one context slice a side that answers each slice with the slice
+    `offset` away from it (0: itself)."""
+    context = 1
+
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x):
+        return x[:, :, 1 + self.offset:x.shape[2] - 1 + self.offset]
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_sliding_window_gives_each_slice_its_neighbours(offset):
+    volume = np.random.default_rng(0).normal(size=(1, 6, 20, 24)).astype(np.float32)
+    out = inference.sliding_window([Neighbour(offset)], volume, (1, 16, 16), torch.device("cpu"), overlap=0.5,
+                                   batch_size=3, pad_value=-7.0, context=1)
+    expected = np.full_like(volume, -7.0)  # beyond the volume's ends: the pad value
+    src = slice(max(offset, 0), 6 + min(offset, 0))
+    dst = slice(max(-offset, 0), 6 + min(-offset, 0))
+    expected[:, dst] = volume[:, src]
+    assert np.allclose(out, expected, atol=1e-5)
+
+
+def test_context_slices_train_and_predict_a_cine(acdc, tmp_path):
+    run = tmp_path / "run"
+    result = run_main(train.main, "--data_dir", acdc, "--output_dir", run, *TINY_2D, "--context_slices", "1")
+    assert result.returncode == 0, result.stderr
+    assert "1 context slice(s) a side" in result.stdout
+    cine = acdc / "patient003" / "patient003_4d.nii.gz"
+    result = run_main(predict.main, "--input", cine, "--output_dir", tmp_path / "out", "--segmenter_path",
+                      run / "segmenter" / "best.pt", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    frames, _ = ds.read_image_channels(tmp_path / "out" / "patient003_4d.nrrd")
+    assert frames.shape == (4, 5, 24, 40)

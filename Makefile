@@ -2,6 +2,7 @@
 #   make demo   phantoms -> train both stages -> predict held-out phantoms -> evaluate
 #   make test   the lint check and the test suite (what CI runs)
 #   make demo-tumour   brain-tumour phantoms (4 channels, 3 classes) -> patch strategy -> per-class metrics
+#   make demo-cine     cine phantoms (ACDC layout) -> 2D V-Net on slices -> masks -> Dice and cardiac function
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,9 +10,11 @@ RUN := runs/demo
 DEMO_DATA := data/phantoms data/phantoms_test
 TUMOUR_RUN := runs/demo_tumour
 TUMOUR_DATA := data/brain_tumour data/brain_tumour_test
+CINE_RUN := runs/demo_cine
+CINE_DATA := data/cine data/cine_test
 REGIONS := whole_tumour=1,2,3 tumour_core=2,3 enhancing=3
 
-.PHONY: demo demo-tumour test lint setup clean
+.PHONY: demo demo-tumour demo-cine test lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +42,15 @@ demo-tumour: setup
 		--segmenter_path $(TUMOUR_RUN)/segmenter/best.pt
 	$(PY) evaluate.py --pred_dir $(TUMOUR_RUN)/predictions --data_dir data/brain_tumour_test --regions $(REGIONS)
 
+demo-cine: setup
+	$(PY) phantoms.py --kind cine --out_dir data/cine --num_cases 40 --seed 0 --overwrite
+	$(PY) phantoms.py --kind cine --out_dir data/cine_test --num_cases 10 --seed 1000 --first_id 901 --overwrite
+	$(PY) train.py --data_dir data/cine --output_dir $(CINE_RUN) --overwrite --device cpu --spatial_dims 2 \
+		--strategy patches --patch_size 128 128 --base_channels 4 --max_epochs 20 --samples_per_epoch 128
+	$(PY) predict.py --data_dir data/cine_test --output_dir $(CINE_RUN)/predictions --overwrite --device cpu \
+		--segmenter_path $(CINE_RUN)/segmenter/best.pt --output_format nii.gz
+	$(PY) evaluate.py --cardiac --pred_dir $(CINE_RUN)/predictions --data_dir data/cine_test --overwrite
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -47,4 +59,4 @@ test: lint
 
 # What `make demo` and the set-up wrote, nothing else (your own data under data/ stays).
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) $(RUN) $(TUMOUR_DATA) $(TUMOUR_RUN)
+	rm -rf $(VENV) $(DEMO_DATA) $(RUN) $(TUMOUR_DATA) $(TUMOUR_RUN) $(CINE_DATA) $(CINE_RUN)

@@ -213,19 +213,3 @@ def test_cli_cine_writes_refuses_existing_subjects_and_keeps_the_table_of_those_
     assert [(r["id"], r["domain"]) for r in read_rows(tmp_path)] == [("patient001", "a"), ("patient002", "b")]
 
 
-@pytest.mark.parametrize("argv, flag", [(["--domain", "b"], "--domain b"),
-                                        (["--kind", "brain_tumour", "--num_frames", "12"], "--num_frames 12"),
-                                        (["--first_id", "3"], "--first_id 3"),
-                                        (["--kind", "cine", "--layout", "msd"], "--layout msd"),
-                                        (["--kind", "cine", "--shape", "10", "128", "128"], "--shape 10 128 128"),
-                                        (["--kind", "cine", "--spacing", "8", "1.5", "1.5"], "--spacing 8.0 1.5"),
-                                        (["--kind", "cine", "--num_frames", "7"], "--num_frames 7"),
-                                        (["--kind", "cine", "--num_frames", "41"], "--num_frames 41"),
-                                        (["--kind", "cine", "--first_id", "0"], "--first_id 0"),
-                                        (["--kind", "cine", "--first_id", "995", "--num_cases", "6"], "patient999"),
-                                        (["--kind", "cine", "--domain", "c"], "--domain")])
-def test_cli_cine_bad_flags_give_one_line_error_and_write_nothing(tmp_path, argv, flag):
-    run = run_main(phantoms.main, "--out_dir", tmp_path / "out", *argv)
-    assert run.returncode == 2
-    assert_one_line_error(run, flag)
-    assert not (tmp_path / "out").exists()

@@ -106,7 +106,18 @@ def test_cli_refuses_a_folder_that_holds_cases_without_overwrite(tmp_path):
                                         (["--layout", "nnunet"], "--layout nnunet"),
                                         (["--labels", "brats2021"], "--labels brats2021"),
                                         (["--kind", "brain_tumour", "--shape", "16", "48", "48"], "--shape 16 48 48"),
-                                        (["--kind", "brain_tumour", "--layout", "nifti"], "--layout")])
+                                        (["--kind", "brain_tumour", "--layout", "nifti"], "--layout"),
+                                        (["--domain", "b"], "--domain b"),
+                                        (["--kind", "brain_tumour", "--num_frames", "12"], "--num_frames 12"),
+                                        (["--first_id", "3"], "--first_id 3"),
+                                        (["--kind", "cine", "--layout", "msd"], "--layout msd"),
+                                        (["--kind", "cine", "--shape", "10", "128", "128"], "--shape 10 128 128"),
+                                        (["--kind", "cine", "--spacing", "8", "1.5", "1.5"], "--spacing 8.0 1.5"),
+                                        (["--kind", "cine", "--num_frames", "7"], "--num_frames 7"),
+                                        (["--kind", "cine", "--num_frames", "41"], "--num_frames 41"),
+                                        (["--kind", "cine", "--first_id", "0"], "--first_id 0"),
+                                        (["--kind", "cine", "--first_id", "995", "--num_cases", "6"], "patient999"),
+                                        (["--kind", "cine", "--domain", "c"], "--domain")])
 def test_cli_bad_values_give_one_line_error_and_status_2(tmp_path, argv, flag):
     run = run_main(phantoms.main, "--out_dir", tmp_path / "out", *argv)
     assert run.returncode == 2

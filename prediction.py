@@ -94,6 +94,18 @@ def previous_flags(path: Path) -> dict[str, dict]:
         return {}
 
 
+def label_map(probs: np.ndarray, labels: Labels, opts: Outputs) -> np.ndarray:
+    """The mask written for the probabilities (K, D, H, W): the label map of the declared
+    values, its foreground's largest component with `opts.largest_component`, the atrium's
+    `opts.label_value` for one class."""
+    mask = labels.label_map(probs)
+    if opts.largest_component:
+        mask *= ds.largest_component(mask > 0, connectivity=3)
+    if labels.binary:
+        mask = (mask > 0).astype(np.uint8) * np.uint8(opts.label_value)
+    return mask
+
+
 def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, paths: dict, wanted: set,
                  opts: Outputs) -> dict:
     """Predict one case (a scan of C channels) and write the outputs named in `wanted` ("mask",
@@ -120,12 +132,8 @@ def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, pa
         for k, key in enumerate(k for k in paths if k.startswith("prob")):
             if key in wanted:
                 ds.write_image(probs[first + k], props, paths[key])
-        mask = labels.label_map(probs)
+        mask = label_map(probs, labels, opts)
         del probs
-        if opts.largest_component:
-            mask *= ds.largest_component(mask > 0, connectivity=3)
-        if labels.binary:
-            mask = (mask > 0).astype(np.uint8) * np.uint8(opts.label_value)
     if "mask" in wanted:
         ds.write_image(mask, props, paths["mask"])
     elif case.label is not None or "overlay" in wanted:
@@ -175,12 +183,7 @@ def predict_cine(pipe, case: ds.Case, image: np.ndarray, props: dict, paths: dic
         for k, key in enumerate(prob_keys):
             if key in probs_out:
                 probs_out[key].append(probs[first + k])
-        mask = labels.label_map(probs)
-        if opts.largest_component:
-            mask *= ds.largest_component(mask > 0, connectivity=3)
-        if labels.binary:
-            mask = (mask > 0).astype(np.uint8) * np.uint8(opts.label_value)
-        masks.append(mask)
+        masks.append(label_map(probs, labels, opts))
     for key, frames in probs_out.items():
         ds.write_image(np.stack(frames), props, paths[key])
     if "mask" in wanted:

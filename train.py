@@ -390,9 +390,17 @@ def train_locator(args, cases, split, survey: training.Survey, run_dir: Path, de
     (`write_files()`, once the data passed), training."""
     factors = ds.downscale_factors(args.scale_factor)
     data = training.load_locator_cases(cases, survey, factors, survey.padded_shape(factors))
+    model = stage_model(args, "locator", len(survey.channels))
+    check_transfer(args.locator_init_from, "--locator_init_from", model, lbl.binary(), resume)
     write_files()
-    return training.train_locator(stage_model(args, "locator", len(survey.channels)), data, split,
-                                  stage_settings(args, "locator"), run_dir, survey, device, resume)
+    return training.train_locator(model, data, split, stage_settings(args, "locator"), run_dir, survey, device, resume)
+
+
+def check_transfer(path, flag: str, model, labels, resume) -> None:
+    """A checkpoint to start from that shares no tensor with the stage's model is refused
+    before the run writes any file (a resumed stage starts from its own checkpoint)."""
+    if path and resume is None:
+        training.start_from_checkpoint(model, path, labels, flag, apply=False)
 
 
 def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, device, resume,
@@ -423,9 +431,9 @@ def train_segmenter(args, cases, split, survey: training.Survey, run_dir: Path, 
     settings = stage_settings(args, "segmenter")
     settings.activation = survey.labels.activation
     data = training.load_segmenter_cases(cases, survey, patch, settings, locate)
+    model = stage_model(args, "segmenter", len(survey.channels), survey.labels.out_channels)
     if locations is None:
         write_files()
-    model = stage_model(args, "segmenter", len(survey.channels), survey.labels.out_channels)
     return training.train_segmenter(model, cases, data, split, settings, run_dir, survey, patch, locator_ckpt,
                                     locator_path, device, resume)
 
@@ -440,8 +448,9 @@ def train_patches(args, cases, split: dict, run_dir: Path, device, resume, write
     by_id = {c.case_id: c for c in cases}
     ids = split["train"] + split["val"]
     data = dict(zip(ids, training.load_volume_cases([by_id[i] for i in ids], survey, settings, patch)))
-    write_files(["segmenter"])
     model = stage_model(args, "segmenter", len(survey.channels), survey.labels.out_channels)
+    check_transfer(args.init_from, "--init_from", model, survey.labels, resume)
+    write_files(["segmenter"])
     return training.train_patches(model, cases, data, split, survey, settings, patch, run_dir, device, resume)
 
 
@@ -476,6 +485,10 @@ def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_fi
         train_patches(args, cases, split, run_dir, device, resume, write_files)
         return
     survey = read_survey(args, cases, split)
+    if "segmenter" in stages:  # before the locator stage trains and writes its files
+        check_transfer(args.init_from, "--init_from", stage_model(args, "segmenter", len(survey.channels),
+                                                                  survey.labels.out_channels), survey.labels,
+                       resume if stages == ["segmenter"] else None)
     locations = None
     if "locator" in stages:
         locator_path, locations = train_locator(args, cases, split, survey, run_dir, device, resume,

@@ -465,21 +465,24 @@ def write_augmentation_grid(path, train_set, labels: Labels) -> None:
     print(f"augmented training samples: {path}")
 
 
-def start_from_checkpoint(model: VNet, path, labels: Labels, flag: str = "--init_from") -> dict:
+def start_from_checkpoint(model: VNet, path, labels: Labels, flag: str = "--init_from", apply: bool = True) -> dict:
     """Transfer learning: start `model` from the weights of another run's checkpoint `path`
     (another data set, other classes, 2D or 3D: `VNet.transfer_from`). The output layer starts
     anew when the checkpoint learned other classes than `labels`, even where its shape fits.
     Prints what was loaded and skipped, and returns it for the run's config; a checkpoint that
-    shares no tensor with the model is an error."""
+    shares no tensor with the model is an error. `apply=False`: that check alone (train.py makes
+    it before writing any file), the model unchanged and nothing printed."""
     ckpt = inference.load_checkpoint(path, None, flag)
     record = ckpt["config"].get("labels")
     same_classes = (Labels.from_record(record) if record else lbl.binary()) == labels
-    moved = model.transfer_from(ckpt["model"], () if same_classes else ("output.weight", "output.bias"))
+    moved = model.transfer_from(ckpt["model"], () if same_classes else ("output.weight", "output.bias"), apply)
     taken = len(moved["loaded"]) + len(moved["converted"])
     if taken == 0:
         raise UserError(f"{flag} {path}: shares no tensor with this model ({describe(model_arch(model))}, "
                         f"the checkpoint's is {describe(ckpt['config']['arch'])}); start from a V-Net checkpoint "
                         "of the same widths (--base_channels)")
+    if not apply:
+        return {}
     converted = f" ({len(moved['converted'])} converted between 2D and 3D)" if moved["converted"] else ""
     print(f"starting from {path}: {taken} of {len(model.state_dict())} tensors loaded{converted}; "
           f"skipped {len(moved['skipped'])}{': ' if moved['skipped'] else ''}{', '.join(moved['skipped'][:8])}"

@@ -159,12 +159,12 @@ class VNet(nn.Module):
         return len(shared)
 
     @torch.no_grad()
-    def transfer_from(self, state_dict: dict, skip=()) -> dict[str, list[str]]:
+    def transfer_from(self, state_dict: dict, skip=(), apply: bool = True) -> dict[str, list[str]]:
         """Start from another V-Net's weights (another data set, other classes, 2D or 3D), tensor
         by tensor by name: one of the same shape is copied ("loaded"); a convolution kernel of
         the other dimensionality is converted ("converted"); the rest, and the names in `skip`,
         keep their values ("skipped": the other's names that did not fit, then this model's
-        names it lacked).
+        names it lacked). `apply=False` only sorts them, changing nothing.
 
         A 3D kernel becomes 2D by summing over its depth (a transposed one by averaging, since
         each output depth of a stride-2 up-convolution sees one depth of its kernel), a 2D one
@@ -178,15 +178,17 @@ class VNet(nn.Module):
             if target is None or name in skip:
                 out["skipped"].append(name)
             elif target.shape == value.shape:
-                target.copy_(value)
+                if apply:
+                    target.copy_(value)
                 out["loaded"].append(name)
             elif value.dim() == 5 and target.dim() == 4 and value.shape[:2] + value.shape[3:] == target.shape:
-                target.copy_(value.mean(2) if name.endswith("up.weight") else value.sum(2))
+                if apply:
+                    target.copy_(value.mean(2) if name.endswith("up.weight") else value.sum(2))
                 out["converted"].append(name)
             elif value.dim() == 4 and target.dim() == 5 and target.shape[:2] + target.shape[3:] == value.shape:
-                depth = target.shape[2]
-                spread = value if name.endswith("up.weight") else value / depth
-                target.copy_(spread.unsqueeze(2).expand_as(target))
+                if apply:
+                    spread = value if name.endswith("up.weight") else value / target.shape[2]
+                    target.copy_(spread.unsqueeze(2).expand_as(target))
                 out["converted"].append(name)
             else:
                 out["skipped"].append(name)

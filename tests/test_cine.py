@@ -410,3 +410,15 @@ def test_context_slices_train_and_predict_a_cine(acdc, tmp_path):
     assert result.returncode == 0, result.stderr
     frames, _ = ds.read_image_channels(tmp_path / "out" / "patient003_4d.nrrd")
     assert frames.shape == (4, 5, 24, 40)
+
+
+def test_init_from_a_checkpoint_sharing_nothing_writes_nothing(acdc, run2d, tmp_path):
+    ckpt = torch.load(run2d / "segmenter" / "best.pt", weights_only=True)
+    ckpt["config"]["labels"] = Labels((1, 2, 4), ("a", "b", "c")).record()  # other classes: no output layer
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    run = tmp_path / "run"
+    result = run_main(train.main, "--data_dir", acdc, "--output_dir", run, *TINY_2D, "--base_channels", "3",
+                      "--init_from", other)
+    assert_one_line_error(result, f"--init_from {other}", "shares no tensor")
+    assert not run.exists()

@@ -20,15 +20,16 @@ from utils import UserError
 
 def make_split(case_ids: list[str], val_fraction: float, seed: int,
                groups: dict[str, str] | None = None) -> dict[str, list[str]]:
-    """Seeded train/validation split; at least one validation case when there are two or more.
-    With `groups` (case id -> patient), `val_fraction` of the patients validate, each with all
-    of its cases; one case per patient gives the split of no groups."""
+    """Seeded train/validation split; at least one validation case when there are two or more,
+    unless `val_fraction` is 0 (every case trains). With `groups` (case id -> patient),
+    `val_fraction` of the patients validate, each with all of its cases; one case per patient
+    gives the split of no groups."""
     ids = sorted(case_ids)
     groups = groups or {c: c for c in ids}
     patients = sorted(set(groups[c] for c in ids))
     order = np.random.default_rng(seed).permutation(len(patients))
     n = len(patients)
-    n_val = 0 if n < 2 else min(n - 1, max(1, round(val_fraction * n)))
+    n_val = 0 if n < 2 or val_fraction == 0 else min(n - 1, max(1, round(val_fraction * n)))
     held = {patients[i] for i in order[:n_val]}
     val = sorted(c for c in ids if groups[c] in held)
     return {"train": [i for i in ids if i not in val], "val": val}

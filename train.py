@@ -78,7 +78,9 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--group_by", metavar="REGEX", help="keep the cases of one patient on one side of the split (in "
                    "one fold): the regex's first group, searched in the case id, names the patient (e.g. "
                    "'^(patient\\d+)_') (default: ACDC's patient folders; else each case is its own patient)")
-    g.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases held out for validation")
+    g.add_argument("--val_fraction", type=float, default=0.2,
+                   help="fraction of cases (patients) held out for validation, at least one; 0: none, every case "
+                        "trains and the checkpoint kept is the epoch of lowest training loss")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, weights, sampling and augmentation")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     g.add_argument("--cache_cases", type=parse_bool, nargs="?", const=True, default=None,

@@ -1,13 +1,14 @@
 """The transfer experiment of docs/cardiac.md: a 2D V-Net trained on many cine subjects of one
 acquisition domain (phantoms' domain a, 1.5T-like), then on k = 1, 3 and 8 subjects of another
-(domain b, 7T-like: other contrast, more noise, strong inhomogeneity), once from scratch and once
-fine-tuned from the domain-a checkpoint (`--init_from`), with the same budget; every model is
+(domain b, 7T-like: other contrast, more noise, strong inhomogeneity): from scratch, fine-tuned
+from the domain-a checkpoint (`--init_from`), and fine-tuned with its encoder fixed for the first
+half of the epochs (`--freeze_encoder_epochs`), each with the same budget; every model is
 scored on the same held-out domain-b subjects (Dice per class of the ED and ES frames, LV EF
 error). Each step is the command a user types (phantoms.py, train.py, predict.py, evaluate.py,
 each a process of its own); the table is read from their outputs and written to its section of
 docs/cardiac.md with the date, commit, machine and commands.
 
-    .venv/bin/python benchmarks/bench_transfer.py                  # about 25 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_transfer.py                  # about 30 minutes on 2 cores
     .venv/bin/python benchmarks/bench_transfer.py --k 1 --max_epochs 2 --test_subjects 2 --no_write  # a look
 
 Domain b's k training subjects are the first k of one pool (k = 3 holds k = 1's subject), all
@@ -22,7 +23,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +34,15 @@ HEADING = "## Transfer from domain a to domain b (benchmarks/bench_transfer.py)"
 STRUCTURES = ("LV cavity", "LV myocardium", "RV cavity")
 
 
-def run(*args, log: Path) -> float:
-    """One script as a user runs it, its output appended to `log`; returns its seconds."""
+def run(*args, log: Path) -> None:
+    """One script as a user runs it, its output appended to `log`."""
     cmd = [sys.executable, *map(str, args)]
-    t0 = time.time()
     with open(log, "a") as f:
         f.write("$ " + " ".join(cmd[1:]) + "\n")
         f.flush()
         done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd[1:])}; see {log}")
-    return time.time() - t0
 
 
 def subset(pool: Path, k: int, out: Path) -> Path:
@@ -55,6 +53,12 @@ def subset(pool: Path, k: int, out: Path) -> Path:
     for d in sorted(p for p in pool.iterdir() if (p / "Info.cfg").is_file())[:k]:
         (out / d.name).symlink_to(d.resolve())
     return out
+
+
+def loop_seconds(run_dir: Path) -> float:
+    """The seconds a run's training loop took, summed over its epochs (RUN/segmenter/log.csv)."""
+    with open(run_dir / "segmenter" / "log.csv", newline="") as f:
+        return sum(float(r["seconds"]) for r in csv.DictReader(f))
 
 
 def scores(pred_dir: Path) -> dict:
@@ -77,38 +81,47 @@ def main(argv=None):
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 8], help="domain-b training subjects")
     p.add_argument("--max_epochs", type=int, default=20, help="epochs of every run (the same budget)")
     p.add_argument("--samples_per_epoch", type=int, default=128)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep what an earlier run left in --work_dir: the phantoms, the runs and their scores")
     p.add_argument("--no_write", action="store_true", help="print the table only")
     args = p.parse_args(argv)
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
-    log.write_text("")
+    if not args.reuse:
+        log.write_text("")
     budget = ["--spatial_dims", "2", "--patch_size", "128", "128", "--base_channels", "4", "--max_epochs",
               args.max_epochs, "--samples_per_epoch", args.samples_per_epoch, "--device", "cpu", "--overwrite"]
     a, pool, test = work / "a", work / "b_pool", work / "b_test"
-    run("phantoms.py", "--kind", "cine", "--domain", "a", "--out_dir", a, "--num_cases", args.source_subjects,
-        "--seed", 0, "--overwrite", log=log)
-    run("phantoms.py", "--kind", "cine", "--domain", "b", "--out_dir", pool, "--num_cases", max(args.k),
-        "--seed", 0, "--first_id", 101, "--overwrite", log=log)
-    run("phantoms.py", "--kind", "cine", "--domain", "b", "--out_dir", test, "--num_cases", args.test_subjects,
-        "--seed", 1000, "--first_id", 901, "--overwrite", log=log)
-    seconds = {"source": run("train.py", "--data_dir", a, "--output_dir", work / "run_a", *budget, log=log)}
     source = work / "run_a" / "segmenter" / "best.pt"
+    if not (args.reuse and source.is_file()):
+        run("phantoms.py", "--kind", "cine", "--domain", "a", "--out_dir", a, "--num_cases", args.source_subjects,
+            "--seed", 0, "--overwrite", log=log)
+        run("phantoms.py", "--kind", "cine", "--domain", "b", "--out_dir", pool, "--num_cases", max(args.k),
+            "--seed", 0, "--first_id", 101, "--overwrite", log=log)
+        run("phantoms.py", "--kind", "cine", "--domain", "b", "--out_dir", test, "--num_cases", args.test_subjects,
+            "--seed", 1000, "--first_id", 901, "--overwrite", log=log)
+        run("train.py", "--data_dir", a, "--output_dir", work / "run_a", *budget, log=log)
 
     def score(name: str, ckpt: Path) -> dict:
         out = work / f"pred_{name}"
-        run("predict.py", "--data_dir", test, "--output_dir", out, "--segmenter_path", ckpt, "--output_format",
-            "nii.gz", "--device", "cpu", "--overwrite", log=log)
-        run("evaluate.py", "--cardiac", "--pred_dir", out, "--data_dir", test, "--overwrite", log=log)
+        if not (args.reuse and (out / "cardiac_summary.csv").is_file()):
+            run("predict.py", "--data_dir", test, "--output_dir", out, "--segmenter_path", ckpt, "--output_format",
+                "nii.gz", "--device", "cpu", "--overwrite", log=log)
+            run("evaluate.py", "--cardiac", "--pred_dir", out, "--data_dir", test, "--overwrite", log=log)
         return scores(out)
 
     results = [("domain a only (k = 0)", 0, score("a", source))]
+    arms = (("from scratch", "scratch", []), ("fine-tuned from domain a", "tuned", ["--init_from", source]),
+            (f"fine-tuned, encoder fixed for {args.max_epochs // 2} epochs", "frozen",
+             ["--init_from", source, "--freeze_encoder_epochs", args.max_epochs // 2]))
     for k in args.k:
         data = subset(pool, k, work / f"b_{k}")
-        for start, extra in (("from scratch", []), ("fine-tuned from domain a", ["--init_from", source])):
-            name = f"b{k}_{'scratch' if not extra else 'tuned'}"
-            seconds[name] = run("train.py", "--data_dir", data, "--output_dir", work / name, "--val_fraction", 0,
-                                *budget, *extra, log=log)
+        for start, tag, extra in arms:
+            name = f"b{k}_{tag}"
+            if not (args.reuse and (work / name / "segmenter" / "best.pt").is_file()):
+                run("train.py", "--data_dir", data, "--output_dir", work / name, "--val_fraction", 0, *budget, *extra,
+                    log=log)
             results.append((start, k, score(name, work / name / "segmenter" / "best.pt")))
 
     head = "| start | k (domain-b subjects) | " + " | ".join(f"Dice {s}" for s in STRUCTURES) + " | LV EF MAE (pp) |"
@@ -120,6 +133,7 @@ def main(argv=None):
     print(table)
     if args.no_write:
         return
+    runs = sorted(log_csv.parent.parent for log_csv in work.glob("*/segmenter/log.csv"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     section = "\n".join([
@@ -130,7 +144,8 @@ def main(argv=None):
         f"{args.samples_per_epoch} slices at `--base_channels 4`, patch 128 x 128). Each row's commands are in "
         f"`{args.work_dir}/log.txt`; the held-out frames are the ED and ES frames of each test subject.", "",
         table, "",
-        "Training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".", ""])
+        "Seconds of each training loop (log.csv): " + ", ".join(f"{d.name} {loop_seconds(d):.0f}" for d in runs) + ".",
+        ""])
     replace_section(ROOT / "docs" / "cardiac.md", section, HEADING)
     print(f"written to {ROOT / 'docs' / 'cardiac.md'}")
 

@@ -130,6 +130,8 @@ def test_split_keeps_a_patients_frames_together(acdc):
         assert len(split["val"]) == 4  # two of five patients, both frames each
     ids = [f"case_{k:03d}" for k in range(10)]
     assert splits.make_split(ids, 0.2, 3, {c: c for c in ids}) == splits.make_split(ids, 0.2, 3)
+    assert splits.make_split(ids, 0, 3) == {"train": ids, "val": []}  # 0: every case trains (k-subject runs)
+    assert len(splits.make_split(ids, 0.01, 3)["val"]) == 1  # any other fraction holds one out at least
 
 
 def test_a_split_file_dividing_a_patient_is_refused(acdc, tmp_path):

@@ -419,6 +419,7 @@ class Patches:
     overlap: float = 0.5
     batch_size: int = 4
     tta: bool = False
+    context: int = 0                     # a 2D model's neighbouring slices on each side
 
 
 def strategy_of(ckpt: dict) -> str:
@@ -433,7 +434,7 @@ def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool
     overlap = config.get("overlap", 0.5) if overlap is None else overlap
     return Patches([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]), tuple(config["spacing"]),
                    tuple(config["channels"]), tuple(config["normalization"]), Labels.from_record(config["labels"]),
-                   device, overlap, batch_size, tta)
+                   device, overlap, batch_size, tta, config["arch"].get("context_slices", 0))
 
 
 def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
@@ -469,7 +470,7 @@ def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan"
     work = ds.resample_channels(image, props, spacing) if resampled else image
     pads = ds.normalise(work, pipe.normalization)
     probs = sliding_window(pipe.models, work, pipe.patch_size, pipe.device, pipe.overlap, pipe.batch_size, pads,
-                           ACTIVATIONS[pipe.labels.activation], pipe.tta, pipe.models[0].context)
+                           ACTIVATIONS[pipe.labels.activation], pipe.tta, pipe.context)
     return _back_onto(probs, spacing, image, props) if resampled else probs
 
 

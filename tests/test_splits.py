@@ -16,7 +16,8 @@ def test_split_is_seeded_and_keeps_a_validation_case():
     a, b = make_split(IDS, 0.2, seed=1), make_split(IDS, 0.2, seed=1)
     assert a == b and len(a["val"]) == 2 and sorted(a["train"] + a["val"]) == IDS
     assert make_split(IDS, 0.2, seed=2) != a
-    assert len(make_split(["x", "y"], 0.0, seed=0)["val"]) == 1
+    assert len(make_split(["x", "y"], 0.1, seed=0)["val"]) == 1  # at least one validates
+    assert make_split(["x", "y"], 0.0, seed=0) == {"train": ["x", "y"], "val": []}  # unless asked for none
     assert make_split(["x"], 0.2, seed=0) == {"train": ["x"], "val": []}
 
 

@@ -487,7 +487,7 @@ def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_fi
         train_patches(args, cases, split, run_dir, device, resume, write_files)
         return
     survey = read_survey(args, cases, split)
-    if "segmenter" in stages:  # before the locator stage trains and writes its files
+    if args.init_from and "segmenter" in stages:  # before the locator stage trains and writes its files
         check_transfer(args.init_from, "--init_from", stage_model(args, "segmenter", len(survey.channels),
                                                                   survey.labels.out_channels), survey.labels,
                        resume if stages == ["segmenter"] else None)

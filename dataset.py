@@ -332,7 +332,7 @@ def read_dataset_json(root: str | Path) -> DatasetInfo:
     convention (ACDC's three classes), else an empty DatasetInfo."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
-        acdc = Path(root).is_dir() and any((d / ACDC_INFO).is_file() for d in Path(root).iterdir() if d.is_dir())
+        acdc = Path(root).is_dir() and any(is_acdc_subject(d) for d in Path(root).iterdir() if d.is_dir())
         return DatasetInfo(labels=ACDC_LABELS) if acdc else DatasetInfo()
     try:
         meta = json.loads(path.read_text())
@@ -426,13 +426,21 @@ def cardiac_phases(path: str | Path, num_frames: int | None = None) -> tuple[int
     return frames[0], frames[1]
 
 
+def is_acdc_subject(d: Path) -> bool:
+    """A folder of ACDC's layout: its Info.cfg, or frame files named after it (`<d>_frameYY`)."""
+    return (d / ACDC_INFO).is_file() or any(
+        ACDC_FRAME.fullmatch(strip_image_suffix(f.name) or "") and f.name.startswith(f"{d.name}_frame")
+        for f in d.iterdir())
+
+
 def _acdc_cases(root: Path) -> list[Case]:
     """ACDC's layout: `<root>/<patient>/Info.cfg` beside `<patient>_frameYY.nii.gz` (the ED and
-    ES frames, each a case grouped by patient, labelled by `<patient>_frameYY_gt.nii.gz`); a
-    patient folder with no frame files contributes its 4D cine `<patient>_4d.nii.gz`."""
+    ES frames, each a case grouped by patient, labelled by `<patient>_frameYY_gt.nii.gz`; the
+    frames without the Info.cfg too); a patient folder with no frame files contributes its 4D
+    cine `<patient>_4d.nii.gz`."""
     cases = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)):
-        if not (d / ACDC_INFO).is_file():
+        if not is_acdc_subject(d):
             continue
         found, cine = [], None
         for f in sorted(d.iterdir()):

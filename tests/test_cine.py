@@ -13,6 +13,7 @@ import SimpleITK as sitk
 import torch
 
 import dataset as ds
+import evaluate
 import inference
 import predict
 import splits
@@ -424,3 +425,20 @@ def test_init_from_a_checkpoint_sharing_nothing_writes_nothing(acdc, run2d, tmp_
                       "--init_from", other)
     assert_one_line_error(result, f"--init_from {other}", "shares no tensor")
     assert not run.exists()
+
+
+def test_acdc_frames_without_info_cfg_are_read_and_their_phases_come_from_the_volumes(acdc, run2d, tmp_path):
+    data = tmp_path / "data"
+    for d in sorted(acdc.iterdir())[:2]:
+        (data / d.name).mkdir(parents=True)
+        for f in d.glob("*_frame*"):
+            (data / d.name / f.name).symlink_to(f)
+    cases = ds.find_cases(data, require_labels=True)
+    assert [c.case_id for c in cases][:2] == ["patient001_frame01", "patient001_frame03"] and len(cases) == 4
+    assert ds.read_dataset_json(data).labels == ds.ACDC_LABELS
+    out = tmp_path / "out"
+    assert run_main(predict.main, "--data_dir", data, "--output_dir", out, "--segmenter_path",
+                    run2d / "segmenter" / "best.pt", "--device", "cpu").returncode == 0
+    result = run_main(evaluate.main, "--cardiac", "--pred_dir", out, "--data_dir", data)
+    assert result.returncode == 0, result.stderr
+    assert "reference volume curve" in result.stdout  # no Info.cfg: ED and ES from the reference's LV volumes

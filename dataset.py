@@ -551,6 +551,26 @@ def label_values(label: np.ndarray, path) -> list[int]:
     return [int(v) for v in values]
 
 
+def check_instances(label: np.ndarray, path) -> int:
+    """The number N of instances in an instance label map (0 background, 1..N one per structure,
+    a vertebra each): the values must run 1..N without a gap, and each must be one connected
+    piece (26-connectivity), since a value over several pieces is a mask of several structures
+    (a binary mask given for instances). Errors name the file."""
+    values = [v for v in label_values(label, path) if v]
+    if values != list(range(1, len(values) + 1)):
+        missing = sorted(set(range(1, max(values, default=0) + 1)) - set(values))
+        raise UserError(f"{path}: instance values {', '.join(map(str, values[:10]))} are not 1..N without a gap "
+                        f"(missing {', '.join(map(str, missing[:10]))}); number the instances 1, 2, ... along the scan")
+    a = np.asarray(label)
+    boxes = ndimage.find_objects(a.astype(np.int32)) if values else []
+    for v, box in enumerate(boxes, 1):
+        _, pieces = ndimage.label(a[box] == v, structure=np.ones((3,) * a.ndim, bool))
+        if pieces > 1:
+            raise UserError(f"{path}: instance {v} is {pieces} separate pieces; each instance must be one connected "
+                            "structure (a binary mask of several structures is not an instance map)")
+    return len(values)
+
+
 def class_indices(label: np.ndarray, path, labels: Labels | None) -> np.ndarray:
     """uint8 class indices 0..K of a label map read from `path`. Binary classes (None, or the one
     value 1) read a mask as today (0/1, or 0/255 as LASC stores it); otherwise every value must

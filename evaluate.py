@@ -34,6 +34,15 @@ quantity: MAE, bias, limits of agreement, Pearson r, n) and `<pred_dir>/cardiac_
 under the same rule of replacing only its own files. A subject that fails (a missing
 prediction, Info.cfg frames outside the predicted 4D map, ...) is reported at the end with exit
 status 1, the others written; when every subject fails, nothing is written.
+
+`--instances` scores instance label maps (0 background, 1..N one value per instance, e.g. each
+vertebra) with metrics.instance_metrics: instances paired one-to-one by maximal total Dice, each
+pair's Dice, HD95 and ASSD in mm, and per case the detection rate (Dice > 0.5), the false
+instances and the identification rate (centroids within 20 mm, VerSe). A reference whose
+instances skip a number is an error naming it; a prediction may skip numbers. It writes one row
+per instance to --csv (default `<pred_dir>/instances.csv`) and one per case beside it
+(`<csv name>_summary.csv`), under the same rule of replacing only its own files, and prints the
+per-case table with mean +- std.
 """
 from __future__ import annotations
 
@@ -50,17 +59,21 @@ import labels as lbl
 import plots
 from labels import Labels
 from metrics import (
+    CENTROID_MM,
     EMPTY_MASK_RULE,
+    INSTANCE_RULE,
     METRIC_KEYS,
     STRUCTURE,
     describe_cases,
     describe_structures,
+    format_instance_table,
     format_structure_table,
     format_summary_table,
     format_table,
+    instance_metrics,
 )
 from prediction import case_rows
-from utils import ArgParser, UserError, run_cli, write_csv, write_json
+from utils import ArgParser, UserError, atomic_write, run_cli, write_csv, write_json
 
 
 def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
@@ -248,6 +261,81 @@ def cardiac_evaluation(pred_dir: Path, data_dir, labels: dict[str, int], overwri
         sys.exit(1)
 
 
+# evaluate.py --instances's tables, each recognised as ours by its header.
+INSTANCE_COLUMNS = ("case_id", "ref_id", "pred_id", "dice", "hd95", "assd", "centroid_mm", "detected", "identified")
+INSTANCE_CSV = {"csv_start": b"case_id,ref_id,"}
+INSTANCE_SUMMARY_CSV = {"csv_start": b"case_id,ref_instances,"}
+
+
+def read_instance_map(path: Path) -> tuple[np.ndarray, dict]:
+    """An instance label map and its geometry; whole non-negative numbers stored as floats (as
+    some NIfTI writers do) are accepted, any other value is a one-line error naming the file."""
+    array, props = ds.read_image(path)
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise UserError(f"{path}: not an instance label map (non-integer values); expected 0 background "
+                            "and 1..N, one value per instance")
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise UserError(f"{path}: not an instance label map ({array.dtype} voxels)")
+    if array.size and array.min() < 0:
+        raise UserError(f"{path}: not an instance label map (negative value {int(array.min())}); expected 0 "
+                        "background and 1..N")
+    return array, props
+
+
+def score_instances(case: ds.Case, prediction: Path | None) -> tuple[list[dict], dict]:
+    """`metrics.instance_metrics` of one case, with its id in every row; a missing prediction
+    scores as every instance missed."""
+    ref, props = read_instance_map(case.label)
+    ds.check_instances(ref, case.label)
+    if prediction is None:
+        pred = np.zeros_like(ref)
+    else:
+        pred, pred_props = read_instance_map(prediction)
+        if pred.shape != ref.shape or not ds.same_geometry(pred_props, props):
+            raise UserError(f"{prediction}: prediction grid (shape/spacing/origin/direction) differs "
+                            f"from its label {case.label}; predict on the original scan")
+    rows, summary = instance_metrics(pred, ref, spacing=props["spacing"])
+    return [{"case_id": case.case_id, **r} for r in rows], {"case_id": case.case_id, **summary}
+
+
+def instance_evaluation(pred_dir: Path, data_dir, csv_path: Path, overwrite: bool, missing_as_empty: bool) -> None:
+    """Instance scores of every labelled case of `data_dir` against `pred_dir`: the per-instance
+    table at `csv_path`, the per-case one beside it, the per-case table printed. Every case is
+    read and scored before anything is written, so a bad file leaves no partial output."""
+    summary_path = csv_path.with_name(f"{csv_path.stem}_summary{csv_path.suffix or '.csv'}")
+    check_output(csv_path, "--csv", overwrite, **INSTANCE_CSV)
+    check_output(summary_path, "--csv", overwrite, **INSTANCE_SUMMARY_CSV)
+    cases = [c for c in ds.find_cases(data_dir, require_labels=False) if c.label is not None]
+    if not cases:
+        raise UserError(f"--data_dir {data_dir}: no labelled cases to score against")
+    preds = {c.case_id: find_prediction(pred_dir, c.case_id) for c in cases}
+    missing = [cid for cid, path in preds.items() if path is None]
+    if missing and not missing_as_empty:
+        raise UserError(f"--pred_dir {pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing[:10])}"
+                        f"{' ...' if len(missing) > 10 else ''}; predict them or pass --missing_as_empty")
+    scored = [score_instances(c, preds[c.case_id]) for c in cases]
+    rows = [r for per_instance, _ in scored for r in per_instance]
+    summaries = [s for _, s in scored]
+    print(format_instance_table(summaries))
+    n_ref = sum(s["ref_instances"] for s in summaries)
+    print(f"pooled over {n_ref} reference instance(s): detected {sum(s['detected'] for s in summaries)}, "
+          f"identified {sum(s['identified'] for s in summaries)}, "
+          f"false instances {sum(s['false_instances'] for s in summaries)}")
+    print(f"rules: {INSTANCE_RULE} (radius {CENTROID_MM:g} mm)")
+    if missing:
+        print(f"scored as all missed (no prediction): {', '.join(missing)}")
+    if rows:
+        write_csv(csv_path, rows)
+    else:  # no instance in any map: the header alone
+        atomic_write(csv_path, lambda tmp: Path(tmp).write_text(",".join(INSTANCE_COLUMNS) + "\n"))
+    write_csv(summary_path, summaries)
+    print(f"per-instance table written to {csv_path}; per-case summary to {summary_path}")
+
+
 def main(argv=None):
     p = ArgParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pred_dir", help="folder of predicted masks <case_id>.nrrd")
@@ -270,9 +358,27 @@ def main(argv=None):
     heart.add_argument("--cardiac_labels", nargs="+", metavar="NAME=VALUE", default=None,
                        help="label values of the structures, for data not labelled as ACDC "
                             "(default: lv=3 myo=2 rv=1)")
+    inst = p.add_argument_group("instance segmentation (e.g. vertebrae)")
+    inst.add_argument("--instances", action="store_true",
+                      help="instead: score instance label maps (1..N per case), matched one-to-one by Dice; "
+                           "writes per-instance rows to --csv (default <pred_dir>/instances.csv) and per-case "
+                           "rows to <csv name>_summary.csv")
     args = p.parse_args(argv)
     if args.cardiac_labels and not args.cardiac:
         raise UserError("--cardiac_labels applies to --cardiac only; add --cardiac or drop it")
+    if args.instances:
+        given = [f for f, v in (("--cardiac", args.cardiac), ("--crossval", args.crossval), ("--regions", args.regions),
+                                ("--plot", args.plot), ("--partial", args.partial)) if v]
+        if given:
+            raise UserError(f"--instances scores instance label maps on its own: drop {', '.join(given)}")
+        if not (args.pred_dir and args.data_dir):
+            raise UserError("--instances needs --pred_dir and --data_dir")
+        pred_dir = Path(args.pred_dir)
+        if not pred_dir.is_dir():
+            raise UserError(f"--pred_dir {pred_dir}: no such folder")
+        instance_evaluation(pred_dir, args.data_dir, Path(args.csv) if args.csv else pred_dir / "instances.csv",
+                            args.overwrite, args.missing_as_empty)
+        return
     if args.cardiac:
         given = [f for f, v in (("--crossval", args.crossval), ("--csv", args.csv), ("--plot", args.plot),
                                 ("--regions", args.regions), ("--missing_as_empty", args.missing_as_empty),

@@ -25,6 +25,7 @@ over cases never silently drops a case that a model got wrong.
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from dataset import binary_mask, bounding_box
@@ -327,3 +328,191 @@ def _render(table: list[list[str]], keys) -> str:
     if distances:
         lines.append(f"({', '.join(distances)} in mm, between surface voxels)")
     return "\n".join(lines)
+
+
+# Instance label maps (one label per vertebra, say): 0 background, 1..N one value per instance.
+# Predicted and reference instances are paired one-to-one by overlap, maximising the summed Dice
+# (Hungarian assignment), then scored per pair with the metrics above and per case as VerSe does.
+INSTANCE_KEYS = ("dice", "hd95", "assd")
+DETECTION_DICE = 0.5  # a reference instance is detected when its match has Dice above this
+CENTROID_MM = 20.0  # VerSe's identification radius
+INSTANCE_RULE = (
+    "instances paired one-to-one maximising total Dice (Hungarian; only pairs that overlap); detected: "
+    f"matched with Dice > {DETECTION_DICE}; false instance: a prediction not matched with Dice > {DETECTION_DICE}; "
+    "identified: matched and centroids within the radius in mm (VerSe); a missed reference or a false "
+    "instance scores Dice 0 and the volume's diagonal as distance; rates with no reference instance are 1 "
+    "when nothing was predicted either, else 0")
+
+
+def check_instances(label: np.ndarray, name: str = "label") -> int:
+    """The number N of instances of an integer label map numbered 1..N without gaps; raises
+    ValueError naming `name`, the missing numbers, a negative or non-integer label."""
+    a = np.asarray(label)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name}: an instance label map must hold integers, got {a.dtype}")
+    if a.size and a.min() < 0:
+        raise ValueError(f"{name}: instance labels must be >= 0 (0 background), found {int(a.min())}")
+    counts = np.bincount(a.ravel()) if a.size else np.zeros(1, np.int64)
+    gaps = np.flatnonzero(counts[1:] == 0) + 1
+    if gaps.size:
+        shown = ", ".join(str(int(g)) for g in gaps[:10]) + (" ..." if gaps.size > 10 else "")
+        raise ValueError(f"{name}: instances must be numbered 1..N without gaps (N = {counts.size - 1}); "
+                         f"missing {shown}")
+    return counts.size - 1
+
+
+_LOOKUP_LIMIT = 1 << 20  # largest predicted label value compacted with a lookup table
+
+
+class _Instances:
+    """The foreground of two instance maps of one grid, read once: for each voxel non-zero in
+    either map its coordinates and its (compacted) predicted and reference label. `pred_ids[i]`
+    is the value of predicted instance i + 1; reference instances keep their values 1..R."""
+
+    def __init__(self, pred: np.ndarray, ref: np.ndarray):
+        p, r = _label_maps(pred, ref)
+        self.num_ref = check_instances(r, "ref")
+        if p.size and p.min() < 0:
+            raise ValueError(f"pred: instance labels must be >= 0 (0 background), found {int(p.min())}")
+        self.coords = np.nonzero((p != 0) | (r != 0))
+        p_values, self.r = p[self.coords].astype(np.int64), r[self.coords].astype(np.int64)
+        # A prediction may skip numbers (a vertebra not found): compact its values to 1..P, with
+        # a lookup table (no sort) unless the values are too large to index one.
+        top = int(p_values.max()) if p_values.size else 0
+        if top <= _LOOKUP_LIMIT:
+            self.pred_ids = np.flatnonzero(np.bincount(p_values, minlength=1)[1:]) + 1
+            lookup = np.zeros(top + 1, np.int64)
+            lookup[self.pred_ids] = np.arange(1, self.pred_ids.size + 1)
+            self.p = lookup[p_values]
+        else:
+            values, inverse = np.unique(p_values, return_inverse=True)
+            self.pred_ids, self.p = values[values > 0], inverse.ravel() + int(values[0] > 0)
+        self.num_pred = int(self.pred_ids.size)
+
+    def joint_counts(self) -> np.ndarray:
+        """(P + 1, R + 1) voxel counts of each (predicted, reference) label pair, 0 the background;
+        the (0, 0) count is left 0, as those voxels are never read."""
+        cols = self.num_ref + 1
+        flat = np.bincount(self.p * cols + self.r, minlength=(self.num_pred + 1) * cols)
+        return flat.reshape(self.num_pred + 1, cols)
+
+    def centroids(self, labels: np.ndarray, n: int) -> np.ndarray:
+        """(n, ndim) mean voxel index of instances 1..n of `labels` (one value per foreground voxel)."""
+        size = np.bincount(labels, minlength=n + 1)[1:]
+        sums = [np.bincount(labels, weights=c, minlength=n + 1)[1:] for c in self.coords]
+        return np.stack(sums, axis=1) / np.maximum(size, 1)[:, None]
+
+    def boxes(self, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, ndim) first and one-past-last index of the bounding box of instances 1..n."""
+        ndim = len(self.coords)
+        lo, hi = np.full((n + 1, ndim), np.iinfo(np.int64).max), np.full((n + 1, ndim), -1)
+        for axis, c in enumerate(self.coords):
+            np.minimum.at(lo[:, axis], labels, c)
+            np.maximum.at(hi[:, axis], labels, c)
+        return lo[1:], hi[1:] + 1
+
+
+def _dice_matrix(joint: np.ndarray) -> np.ndarray:
+    """(P, R) Dice of each predicted and reference instance from their joint counts."""
+    size_p, size_r = joint[1:].sum(axis=1), joint[:, 1:].sum(axis=0)
+    den = size_p[:, None] + size_r[None, :]
+    return 2 * joint[1:, 1:] / np.maximum(den, 1)
+
+
+def _assign(d: np.ndarray) -> list[tuple[int, int]]:
+    """0-based (pred, ref) index pairs maximising the total of `d`, pairs with d = 0 dropped."""
+    if d.size == 0:
+        return []
+    rows, cols = linear_sum_assignment(d, maximize=True)
+    return sorted(((int(i), int(j)) for i, j in zip(rows, cols) if d[i, j] > 0), key=lambda ij: ij[1])
+
+
+def match_instances(pred: np.ndarray, ref: np.ndarray) -> list[tuple[int, int, float]]:
+    """Pair predicted and reference instances one-to-one, maximising the total Dice.
+
+    pred, ref: (D, H, W) integer label maps of one grid, 0 background; `ref` numbered 1..N
+    without gaps, `pred` any non-negative values (each one instance). Dice of every pair comes
+    from one pass over the voxels non-zero in either map (a bincount of label pairs), the
+    assignment from scipy's `linear_sum_assignment`; only overlapping pairs (Dice > 0) are
+    matched. Returns `(pred_value, ref_value, dice)` sorted by reference value; instances left
+    out on either side are unmatched. Raises ValueError for maps of different shapes, non-integer
+    maps, negative labels, or reference instances not numbered 1..N.
+    """
+    inst = _Instances(pred, ref)
+    d = _dice_matrix(inst.joint_counts())
+    return [(int(inst.pred_ids[i]), j + 1, float(d[i, j])) for i, j in _assign(d)]
+
+
+def instance_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing,
+                     centroid_mm: float = CENTROID_MM) -> tuple[list[dict], dict]:
+    """Instance segmentation scores of one case (`INSTANCE_RULE`).
+
+    pred, ref: (D, H, W) instance label maps as `match_instances` takes them. spacing: (sz, sy,
+    sx) mm, array order. Returns `(rows, summary)`:
+
+    - rows, one per reference instance (by value) then one per unmatched predicted instance:
+      `ref_id` (0 for a false instance), `pred_id` (0 for a missed one), `dice`, `hd95` and
+      `assd` (mm) of the pair as `compute_metrics` scores the two isolated masks, `centroid_mm`
+      (distance between the instances' centroids, voxel indices scaled by the spacing),
+      `detected` (Dice > 0.5) and `identified` (matched, centroids within `centroid_mm`). A
+      missed or false instance scores Dice 0 and `worst_distance` for every distance.
+    - summary: `ref_instances`, `pred_instances`, `matched`, `detected`, `detection_rate`
+      (detected / reference instances), `false_instances` (predicted instances not matched
+      with Dice > 0.5), `identified`, `identification_rate`, and `dice`, `hd95` and `assd`
+      averaged over the reference instances (a missed one counted as above). With no reference
+      instance the rates and Dice are 1 and the distances 0 when nothing is predicted either,
+      else 0 and the diagonal, the module's empty-mask policy.
+    """
+    inst = _Instances(pred, ref)
+    s = _check_spacing(spacing, len(inst.coords))
+    if not centroid_mm > 0:
+        raise ValueError(f"centroid_mm: expected a positive radius in mm, got {centroid_mm!r}")
+    shape = np.asarray(pred).shape
+    worst = worst_distance(shape, s)
+    p_arr, r_arr = np.asarray(pred), np.asarray(ref)
+    d = _dice_matrix(inst.joint_counts())
+    pairs = _assign(d)
+    c_p, c_r = inst.centroids(inst.p, inst.num_pred), inst.centroids(inst.r, inst.num_ref)
+    lo_p, hi_p = inst.boxes(inst.p, inst.num_pred)
+    lo_r, hi_r = inst.boxes(inst.r, inst.num_ref)
+    missed = {"dice": 0.0, "hd95": worst, "assd": worst, "centroid_mm": worst, "detected": False, "identified": False}
+
+    by_ref = {}
+    for i, j in pairs:
+        box = tuple(slice(int(a), int(b)) for a, b in zip(np.minimum(lo_p[i], lo_r[j]), np.maximum(hi_p[i], hi_r[j])))
+        m = _metrics_in_box(p_arr[box] == inst.pred_ids[i], r_arr[box] == j + 1, shape, s)
+        gap = float(np.linalg.norm((c_p[i] - c_r[j]) * s))
+        by_ref[j] = {"pred_id": int(inst.pred_ids[i]), **{k: m[k] for k in INSTANCE_KEYS}, "centroid_mm": gap,
+                     "detected": m["dice"] > DETECTION_DICE, "identified": gap <= centroid_mm}
+    rows = [{"ref_id": j + 1, **by_ref.get(j, {"pred_id": 0, **missed})} for j in range(inst.num_ref)]
+    paired = {i for i, _ in pairs}
+    rows += [{"ref_id": 0, "pred_id": int(inst.pred_ids[i]), **missed}
+             for i in range(inst.num_pred) if i not in paired]
+
+    n_ref, n_pred = inst.num_ref, inst.num_pred
+    detected = sum(r["detected"] for r in rows)
+    identified = sum(r["identified"] for r in rows)
+    ref_rows = rows[:n_ref]
+    if n_ref:
+        means = {k: float(np.mean([r[k] for r in ref_rows])) for k in INSTANCE_KEYS}
+    else:
+        means = {"dice": 0.0, "hd95": worst, "assd": worst} if n_pred else {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
+    summary = {"ref_instances": n_ref, "pred_instances": n_pred, "matched": len(pairs), "detected": detected,
+               "detection_rate": _ratio(detected, n_ref, n_pred == 0), "false_instances": n_pred - detected,
+               "identified": identified, "identification_rate": _ratio(identified, n_ref, n_pred == 0), **means}
+    return rows, summary
+
+
+INSTANCE_TABLE_KEYS = ("ref_instances", "pred_instances", "detection_rate", "false_instances",
+                       "identification_rate", "dice", "hd95", "assd")
+_COUNT_KEYS = ("ref_instances", "pred_instances", "false_instances")
+
+
+def format_instance_table(summaries: list[dict], keys=INSTANCE_TABLE_KEYS) -> str:
+    """Per-case summaries of `instance_metrics` (each with a "case_id"), then mean +- std over
+    the cases, with the distances' unit below."""
+    stats = summarise(summaries, keys)
+    table = [["case", *keys]]
+    table += [[r["case_id"], *(str(r[k]) if k in _COUNT_KEYS else _cell(k, r[k]) for k in keys)] for r in summaries]
+    table.append(["mean +- std", *(_summary_cell(k, *stats[k]) for k in keys)])
+    return _render(table, keys)

@@ -5,13 +5,17 @@ nnU-Net v2 layout (`imagesTr/`, `labelsTr/`, `dataset.json`; `--kind brain_tumou
 `synthetic_tumour.py`), or short-axis cardiac cine subjects in the ACDC layout
 (`patientXXX/patientXXX_4d.nii.gz`, the ED and ES `_frameYY` images with `_gt` labels, `Info.cfg`,
 and `subjects.csv` with their analytic volumes; `--kind cine`, generator `synthetic_cine.py`) from
-one of two scanners (`--domain a`, 1.5 T-like, or `b`, 7 T-like) for transfer learning.
+one of two scanners (`--domain a`, 1.5 T-like, or `b`, 7 T-like) for transfer learning, or CT-like
+spine scans in the MSD layout (`imagesTr/`, `labelsTr/` with one instance per vertebra, `dataset.json`
+and `instances.csv` flagging the vertebrae the field of view cuts off; `--kind spine`, generator
+`synthetic_spine.py`).
 
     python phantoms.py --out_dir data/phantoms --num_cases 10 --shape 48 128 128 --seed 0
     python phantoms.py --kind brain_tumour --out_dir data/brain_tumour --num_cases 10 --shape 64 96 96 \\
         --layout msd --labels msd --seed 0
     python phantoms.py --kind cine --out_dir data/cine --num_cases 40 --domain a --seed 0
     python phantoms.py --kind cine --out_dir data/cine_b --num_cases 10 --domain b --first_id 41 --seed 0
+    python phantoms.py --kind spine --out_dir data/spine --num_cases 20 --spacing 2.5 0.7 0.7 --shape 40 112 112
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import synthetic
 import synthetic_cine
+import synthetic_spine
 import synthetic_tumour
 from utils import ArgParser, UserError, run_cli
 
@@ -28,7 +33,8 @@ from utils import ArgParser, UserError, run_cli
 # cine draws each subject's stack itself: no shape or spacing.
 KINDS = {"la": (synthetic.MIN_SIDE, [48, 128, 128], [0.625, 0.625, 0.625], "data/phantoms"),
          "brain_tumour": (synthetic_tumour.MIN_SIDE, [64, 96, 96], [1.0, 1.0, 1.0], "data/brain_tumour"),
-         "cine": (None, None, None, "data/cine")}
+         "cine": (None, None, None, "data/cine"),
+         "spine": (synthetic_spine.MIN_SIDE, [96, 80, 80], [1.0, 1.0, 1.0], "data/spine")}
 CINE_FRAMES = 12  # --num_frames' default
 
 
@@ -52,20 +58,23 @@ def main(argv=None) -> None:
     parser = ArgParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=list(KINDS), default="la",
                         help="left-atrium LGE-MRI phantoms (LASC layout), brain-tumour phantoms "
-                             "(MSD Task01-style, 4 channels) or short-axis cardiac cine subjects (ACDC layout) "
+                             "(MSD Task01-style, 4 channels), short-axis cardiac cine subjects (ACDC layout) "
+                             "or CT-like spine scans with vertebra instances (MSD layout) "
                              "(default: %(default)s)")
     parser.add_argument("--out_dir", default=None,
                         help="folder to write the cases into (default: data/phantoms for la, "
-                             "data/brain_tumour for brain_tumour, data/cine for cine)")
+                             "data/brain_tumour for brain_tumour, data/cine for cine, data/spine for spine)")
     parser.add_argument("--num_cases", type=int, default=10,
                         help="number of cases (cine: of subjects) (default: %(default)s)")
     parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("D", "H", "W"),
                         help="volume shape; repeat the flag to cycle over several shapes "
-                             "(default: 48 128 128 for la, 64 96 96 for brain_tumour; not for cine, which draws "
+                             "(default: 48 128 128 for la, 64 96 96 for brain_tumour, 96 80 80 for spine (D along "
+                             "the spine); not for cine, which draws "
                              "each subject's stack: up to 12 slices, 112-176 pixels a side)")
     parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SZ", "SY", "SX"),
                         help="voxel spacing in mm, array order (default: 0.625 0.625 0.625 for la, "
-                             "1 1 1 for brain_tumour; not for cine, which draws 6-10 mm slices of 1.2-1.9 mm pixels)")
+                             "1 1 1 for brain_tumour and spine; not for cine, which draws 6-10 mm slices of "
+                             "1.2-1.9 mm pixels)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; case i depends only on (seed, i), cine subject n on (seed, n, "
                              "--domain) (default: %(default)s)")
@@ -120,7 +129,7 @@ def main(argv=None) -> None:
         for s in shapes:
             if min(s) < min_side:
                 raise UserError(f"--shape {' '.join(map(str, s))}: every axis needs at least {min_side} voxels"
-                                + (" for --kind brain_tumour" if args.kind == "brain_tumour" else ""))
+                                + ("" if args.kind == "la" else f" for --kind {args.kind}"))
         if min(spacing) <= 0:
             raise UserError(f"--spacing {' '.join(map(str, spacing))}: must be positive")
     out_dir = Path(args.out_dir or default_dir)
@@ -137,6 +146,9 @@ def main(argv=None) -> None:
     elif args.kind == "la":
         ids = synthetic.write_phantom_dataset(out_dir, args.num_cases, shapes, spacing, args.seed)
         written = set(ids)
+    elif args.kind == "spine":
+        ids = synthetic_spine.write_spine_dataset(out_dir, args.num_cases, shapes, spacing, args.seed)
+        written = {f"imagesTr/{c}.nii.gz" for c in ids}
     else:
         layout = args.layout or "msd"
         ids = synthetic_tumour.write_tumour_dataset(out_dir, args.num_cases, shapes, spacing, args.seed,

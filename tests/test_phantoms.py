@@ -117,7 +117,15 @@ def test_cli_refuses_a_folder_that_holds_cases_without_overwrite(tmp_path):
                                         (["--kind", "cine", "--num_frames", "41"], "--num_frames 41"),
                                         (["--kind", "cine", "--first_id", "0"], "--first_id 0"),
                                         (["--kind", "cine", "--first_id", "995", "--num_cases", "6"], "patient999"),
-                                        (["--kind", "cine", "--domain", "c"], "--domain")])
+                                        (["--kind", "cine", "--domain", "c"], "--domain"),
+                                        (["--kind", "spine", "--layout", "nnunet"], "--layout nnunet"),
+                                        (["--kind", "spine", "--labels", "msd"], "--labels msd"),
+                                        (["--kind", "spine", "--domain", "a"], "--domain a"),
+                                        (["--kind", "spine", "--num_frames", "12"], "--num_frames 12"),
+                                        (["--kind", "spine", "--first_id", "2"], "--first_id 2"),
+                                        (["--kind", "spine", "--shape", "16", "80", "80"], "--shape 16 80 80"),
+                                        (["--kind", "spine", "--spacing", "0", "1", "1"], "--spacing"),
+                                        (["--kind", "spine", "--num_cases", "0"], "--num_cases 0")])
 def test_cli_bad_values_give_one_line_error_and_status_2(tmp_path, argv, flag):
     run = run_main(phantoms.main, "--out_dir", tmp_path / "out", *argv)
     assert run.returncode == 2

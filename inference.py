@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 import dataset as ds
 import labels as lbl
@@ -472,6 +473,86 @@ def predict_patches(pipe: Patches, image: np.ndarray, props: dict, source="scan"
     probs = sliding_window(pipe.models, work, pipe.patch_size, pipe.device, pipe.overlap, pipe.batch_size, pads,
                            ACTIVATIONS[pipe.labels.activation], pipe.tta, pipe.context)
     return _back_onto(probs, spacing, image, props) if resampled else probs
+
+
+# ----------------------------------------------------------------------------- the iterative strategy
+
+@dataclass
+class Found:
+    """One instance the iterative search added to its memory: its number (1, 2, ... in the
+    order found), the completeness score of its last evaluation, the patch moves it took, and
+    whether those moves ended in a cycle (then the patch settled at the cycle's mean)."""
+    instance: int
+    completeness: float
+    moves: int
+    oscillated: bool = False
+
+
+def search_starts(shape, patch, overlap: float = 0.5) -> list[tuple[int, int, int]]:
+    """Patch starts that cover the volume, from its first D end to its last (D slowest): where
+    the search looks for the next instance. An axis shorter than the patch is centred (padding)."""
+    axes = [window_starts(n, p, overlap) if p <= n else [-((p - n) // 2)] for n, p in zip(shape, patch)]
+    return [(z, y, x) for z in axes[0] for y in axes[1] for x in axes[2]]
+
+
+def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instances: int = 100,
+                        overlap: float = 0.5) -> tuple[np.ndarray, list[Found], int]:
+    """Find instances one at a time (Lessmann et al., MIDL 2018): `segment(start, memory)` is the
+    model on the patch at `start` (its memory input is `memory`, the patch of the instances found
+    so far, 0/1) and returns `(mask, completeness)`: the next instance's voxels in the patch (bool)
+    and the probability that it lies wholly inside the patch.
+
+    The search walks `search_starts` from the volume's first D end. Where the model answers with
+    voxels not yet in memory, the patch follows that instance: it is centred on the answer's
+    centroid (shifted inside the volume on each axis by that axis's own size) until its start
+    stops changing, at most `max_moves` moves; a start seen before is a cycle, and the patch
+    settles at the mean of the cycle's starts. The last answer there joins the memory as the
+    next instance (voxels already in memory stay with their instance), and the search goes on
+    from the same search start, where the memory now hides it. It ends when no search start
+    left yields new voxels, or after `max_instances` instances. Every loop is bounded: at most
+    len(search starts) + max_instances x (max_moves + 1) evaluations.
+
+    Returns `(labels int32 (D, H, W) of 0 and 1..N in the order found, [Found], evaluations)`."""
+    if max_moves < 1 or max_instances < 1:
+        raise ValueError(f"max_moves and max_instances must be at least 1, got {max_moves}, {max_instances}")
+    labels = np.zeros(shape, np.int32)
+    found: list[Found] = []
+    evaluations = 0
+
+    def evaluate(start):
+        nonlocal evaluations
+        evaluations += 1
+        mask, completeness = segment(start, (ds.crop(labels, start, patch, 0) > 0).astype(np.float32))
+        return np.asarray(mask, bool) & (ds.crop(labels, start, patch, 1) == 0), float(completeness)
+
+    starts, i = search_starts(shape, patch, overlap), 0
+    while i < len(starts) and len(found) < max_instances:
+        start = starts[i]
+        mask, completeness = evaluate(start)
+        if not mask.any():
+            i += 1
+            continue
+        seen, moves, oscillated = [start], 0, False
+        while moves < max_moves and not oscillated:
+            centre = [s + c for s, c in zip(start, ndimage.center_of_mass(mask))]
+            nxt = ds.crop_start(centre, patch, shape)
+            if nxt == start:
+                break
+            moves += 1
+            if nxt in seen:  # a cycle: settle at the mean of its starts
+                cycle = seen[seen.index(nxt):]
+                nxt = tuple(int(round(np.mean([c[a] for c in cycle]))) for a in range(3))
+                oscillated = True
+            new_mask, new_completeness = evaluate(nxt)
+            if not new_mask.any():  # the instance left the model's view: keep the last answer
+                break
+            start, mask, completeness = nxt, new_mask, new_completeness
+            seen.append(start)
+        found.append(Found(len(found) + 1, completeness, moves, oscillated))
+        region = tuple(slice(max(a, 0), min(a + p, n)) for a, p, n in zip(start, patch, shape))
+        inside = tuple(slice(r.start - a, r.stop - a) for r, a in zip(region, start))
+        labels[region][mask[inside]] = len(found)
+    return labels, found, evaluations
 
 
 def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Instance label maps for the iterative strategy: the numbering 1..N and one piece per instance."""
+"""The iterative strategy's pieces: instance label maps (the numbering 1..N, one piece per
+instance) and the one-instance-at-a-time search, driven by oracle and adversarial models."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 import dataset as ds
+import inference
 from utils import UserError
 
 
@@ -40,3 +42,77 @@ def test_a_binary_mask_of_several_structures_is_refused():
     assert ndimage.label(label)[1] == 4
     with pytest.raises(UserError, match="x.nii.gz: instance 1 is 4 separate pieces"):
         ds.check_instances(label, "x.nii.gz")
+
+
+# ----------------------------------------------------------------------------- the search, with an oracle model
+
+def column(n: int = 5, depth: int = 80, cut: bool = True) -> np.ndarray:
+    """n boxes of 10 slices with 4-slice gaps down a (depth, 24, 24) volume, numbered from the
+    top; with `cut` the last one runs past the volume's end."""
+    label = np.zeros((depth, 24, 24), np.int32)
+    top = depth - (14 * n - 4) + (5 if cut else 0)
+    for k in range(n):
+        z = top + 14 * k
+        label[max(z, 0):z + 10, 6 + k % 2:16 + k % 2, 7:17] = k + 1
+    return label
+
+
+def oracle(reference: np.ndarray, complete: dict, patch):
+    """A model that knows the answer: the lowest-numbered reference instance in the patch with
+    voxels not yet in memory, and whether it lies wholly in the patch (and is whole)."""
+    def segment(start, memory):
+        ref = ds.crop(reference, start, patch, 0)
+        left = set(np.unique(ref[memory == 0]).tolist()) - {0}
+        if not left:
+            return np.zeros(patch, bool), 0.0
+        v = min(left)
+        mask = ref == v
+        return mask, float(complete[v] and mask.sum() == (reference == v).sum())
+    return segment
+
+
+def test_oracle_search_recovers_every_instance_and_flags_the_cut_one():
+    reference, patch = column(5), (32, 24, 24)
+    complete = {v: v < 5 for v in range(1, 6)}  # the fifth runs past the field of view
+    labels, found, evaluations = inference.iterative_instances(oracle(reference, complete, patch),
+                                                               reference.shape, patch)
+    assert np.array_equal(labels, reference)  # every instance exactly: Dice 1, numbered in order
+    assert [f.completeness >= 0.5 for f in found] == [True, True, True, True, False]
+    starts = len(inference.search_starts(reference.shape, patch))
+    assert evaluations <= starts + 3 * len(found)  # O(N) beside the search, no dense sliding window
+    assert not any(f.oscillated for f in found)
+
+
+def test_search_stops_on_an_empty_prediction():
+    shape, patch = (64, 40, 40), (32, 24, 24)
+    calls = []
+
+    def nothing(start, memory):
+        calls.append(start)
+        return np.zeros(patch, bool), 0.0
+    labels, found, evaluations = inference.iterative_instances(nothing, shape, patch)
+    assert not labels.any() and found == [] and evaluations == len(calls)
+    assert sorted(calls) == sorted(inference.search_starts(shape, patch))  # each search start once
+
+
+def test_search_settles_a_model_that_oscillates_and_terminates():
+    shape, patch = (64, 16, 16), (16, 16, 16)
+
+    def oscillating(start, memory):  # a blob low in the patch near the top, high in it further down
+        mask = np.zeros(patch, bool)
+        if start[0] <= 10:
+            mask[12:16, 4:8, 4:8] = True
+        else:
+            mask[0:4, 4:8, 4:8] = True
+        return mask, 0.9
+    labels, found, evaluations = inference.iterative_instances(oscillating, shape, patch, max_moves=20,
+                                                               max_instances=3)
+    assert found[0].oscillated and found[0].moves <= 20 and len(found) <= 3
+    starts = len(inference.search_starts(shape, patch))
+    assert evaluations <= starts + 3 * (20 + 1)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels == 1).sum() == 4 * 4 * 4
+
+
+def test_search_bounds_are_checked():
+    with pytest.raises(ValueError, match="max_moves"):
+        inference.iterative_instances(lambda s, m: (np.zeros((4, 4, 4), bool), 0.0), (8, 8, 8), (4, 4, 4), max_moves=0)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 import dataset as ds
 import inference
+from models.iterative import IterativeFCN
 from utils import UserError
 
 
@@ -116,3 +118,18 @@ def test_search_settles_a_model_that_oscillates_and_terminates():
 def test_search_bounds_are_checked():
     with pytest.raises(ValueError, match="max_moves"):
         inference.iterative_instances(lambda s, m: (np.zeros((4, 4, 4), bool), 0.0), (8, 8, 8), (4, 4, 4), max_moves=0)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def test_iterative_fcn_counts_and_shapes_by_hand():
+    def block(cin, c):  # two 3x3x3 convolutions with biases, two affine instance norms
+        return cin * c * 27 + c + c * c * 27 + c + 4 * c
+    c, levels = 8, 4
+    expected = block(2, c) + (levels - 1) * block(c, c) + (levels - 1) * block(2 * c, c) + (c + 1) + (c + 1)
+    model = IterativeFCN(2, c, levels)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    seg, complete = model(torch.randn(2, 2, 16, 24, 32))
+    assert seg.shape == (2, 1, 16, 24, 32) and complete.shape == (2,)
+    with pytest.raises(AssertionError, match="divide by 8"):
+        model(torch.randn(1, 2, 12, 16, 16))

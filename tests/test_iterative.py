@@ -9,6 +9,7 @@ from scipy import ndimage
 
 import dataset as ds
 import inference
+import instances
 from models.iterative import IterativeFCN
 from utils import UserError
 
@@ -133,3 +134,43 @@ def test_iterative_fcn_counts_and_shapes_by_hand():
     assert seg.shape == (2, 1, 16, 24, 32) and complete.shape == (2,)
     with pytest.raises(AssertionError, match="divide by 8"):
         model(torch.randn(1, 2, 12, 16, 16))
+
+
+# ----------------------------------------------------------------------------- training samples
+
+def test_a_sample_targets_the_first_instance_not_in_memory():
+    label = column(5).astype(np.uint8)
+    image = np.random.default_rng(0).normal(size=(1, *label.shape)).astype(np.float32)
+    rng, seen = np.random.default_rng(1), set()
+    for patch in [(32, 24, 24)] * 40 + [(16, 24, 24)] * 40:  # the smaller one cuts instances now and then
+        start, target, memory = instances.draw(label, patch, rng, empty=False)
+        s = instances.sample(image, np.zeros(1, np.float32), label, start, patch, target, memory)
+        crop = ds.crop(label, start, patch, 0)
+        assert memory == target - 1 and s.target.any() and np.array_equal(s.target > 0, crop == target)
+        assert np.array_equal(s.memory > 0, (crop > 0) & (crop < target))  # the instances before it, no other
+        whole = (crop == target).sum() == (label == target).sum() and target != 5
+        assert s.complete == float(whole)  # the fifth runs past the scan; the patch may cut the others
+        assert s.image.shape == (1, *patch)
+        seen.add((target == 5, s.complete))
+    assert seen == {(False, 1.0), (False, 0.0), (True, 0.0)}
+
+
+def test_an_empty_sample_holds_every_instance_of_its_patch_in_memory():
+    label = column(5).astype(np.uint8)
+    rng, patch = np.random.default_rng(2), (32, 24, 24)
+    for _ in range(20):
+        start, target, memory = instances.draw(label, patch, rng, empty=True)
+        s = instances.sample(label[None].astype(np.float32), 0.0, label, start, patch, target, memory)
+        crop = ds.crop(label, start, patch, 0)
+        assert target == 0 and not s.target.any() and s.complete == 0.0
+        assert np.array_equal(s.memory > 0, crop > 0)
+
+
+def test_border_weights_follow_the_papers_formula():
+    mask = np.zeros((1, 40, 40), bool)
+    mask[0, 10:30, 10:30] = True
+    w = instances.border_weights(mask)
+    assert w[0, 10, 20] == pytest.approx(1 + 8 * np.exp(-1 / 36))   # on the border, 1 voxel from outside
+    assert w[0, 20, 20] == pytest.approx(1 + 8 * np.exp(-100 / 36))  # the centre, 10 voxels in
+    assert w[0, 20, 7] == pytest.approx(1 + 8 * np.exp(-9 / 36))     # 3 voxels outside
+    assert np.array_equal(instances.border_weights(np.zeros((4, 4, 4), bool)), np.ones((4, 4, 4), np.float32))

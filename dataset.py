@@ -613,19 +613,23 @@ def load_case(case: Case, *, with_label: bool = True):
 
 # ----------------------------------------------------------------------------- scans of C channels
 
-NORMALIZATIONS = ("whole", "nonzero")  # z-score over the whole scan, or over its non-zero voxels
+# z-score over the whole scan, or over its non-zero voxels; or CT's fixed scale (CT_WINDOW)
+NORMALIZATIONS = ("whole", "nonzero", "ct")
+# Hounsfield units kept by the "ct" rule, then divided by 1000: air -1, water 0, bone about 1;
+# dense metal saturates. A fixed scale, since a HU value means the same tissue in every scan.
+CT_WINDOW = (-1000.0, 3000.0)
 
 
 def normalization_rules(choice: str, channels: int, names=None) -> tuple[str, ...]:
-    """The z-score rule of each channel: `choice` for every channel, or for "auto" "nonzero"
-    for a channel that dataset.json names as an MRI sequence (any name but CT: brain MRI is
-    skull-stripped to a zero background) and "whole" for CT and for undeclared channels."""
+    """The rule of each channel: `choice` for every channel, or for "auto" "nonzero" for a
+    channel that dataset.json names as an MRI sequence (any name but CT: brain MRI is
+    skull-stripped to a zero background), "ct" for CT, and "whole" for undeclared channels."""
     if choice != "auto":
         assert choice in NORMALIZATIONS, f"normalisation {choice!r}"
         return (choice,) * channels
     if names is None:
         return ("whole",) * channels
-    return tuple("whole" if name.strip().upper() == "CT" else "nonzero" for name in names)
+    return tuple("ct" if name.strip().upper() == "CT" else "nonzero" for name in names)
 
 
 def read_case_info(case: Case) -> tuple[tuple[int, int, int], dict, int]:
@@ -657,14 +661,20 @@ def read_case_image(case: Case) -> tuple[np.ndarray, dict]:
 
 
 def normalise(image: np.ndarray, rules) -> np.ndarray:
-    """z-score each channel of `image (C, D, H, W)` float32 in place by its rule: "whole" over
-    the whole scan (as `zscore`), "nonzero" over its non-zero voxels (an MRI's skull-stripped
-    brain), the zero background staying 0. Returns the value per channel (C,) that a raw 0
-    becomes, with which anything beyond the scan is padded."""
+    """Normalise each channel of `image (C, D, H, W)` float32 in place by its rule: z-score
+    "whole" over the whole scan (as `zscore`), "nonzero" over its non-zero voxels (an MRI's
+    skull-stripped brain), the zero background staying 0; "ct": HU clipped to CT_WINDOW and
+    divided by 1000. Returns the value per channel (C,) with which anything beyond the scan is
+    padded: what a raw 0 becomes, or air (-1) for CT."""
     assert image.ndim == 4 and len(rules) == image.shape[0], f"{image.shape} vs rules {rules}"
     pads = np.zeros(len(rules), np.float32)
     for c, rule in enumerate(rules):
         channel = image[c]
+        if rule == "ct":
+            np.clip(channel, *CT_WINDOW, out=channel)
+            channel /= 1000.0
+            pads[c] = CT_WINDOW[0] / 1000.0
+            continue
         inside = channel != 0 if rule == "nonzero" else None
         if inside is not None and np.count_nonzero(inside) > 1:
             values = channel[inside]

@@ -151,9 +151,9 @@ def parse_args(argv=None, defaults: dict | None = None):
                         "tumour_core=2,3 enhancing=3) instead of a softmax over the classes (default: dataset.json's "
                         "nnU-Net regions, if any)")
     c.add_argument("--normalization", choices=("auto", *ds.NORMALIZATIONS), default="auto",
-                   help="z-score of each channel: over the whole scan, or over its non-zero voxels (a skull-stripped "
-                        "MRI's brain); auto: nonzero for channels dataset.json names as MRI, whole for CT and "
-                        "undeclared channels")
+                   help="each channel: z-scored over the whole scan, or over its non-zero voxels (a skull-stripped "
+                        "MRI's brain), or CT's fixed scale (HU clipped to -1000..3000, / 1000); auto: nonzero for "
+                        "channels dataset.json names as MRI, ct for CT, whole for undeclared channels")
     c.add_argument("--max_background", type=float, default=0.95,
                    help="patches: a patch with more background than this fraction is redrawn")
     c.add_argument("--foreground_fraction", type=float,

@@ -174,3 +174,16 @@ def test_border_weights_follow_the_papers_formula():
     assert w[0, 20, 20] == pytest.approx(1 + 8 * np.exp(-100 / 36))  # the centre, 10 voxels in
     assert w[0, 20, 7] == pytest.approx(1 + 8 * np.exp(-9 / 36))     # 3 voxels outside
     assert np.array_equal(instances.border_weights(np.zeros((4, 4, 4), bool)), np.ones((4, 4, 4), np.float32))
+
+
+# ----------------------------------------------------------------------------- CT intensities
+
+def test_ct_channels_keep_their_hounsfield_scale():
+    assert ds.normalization_rules("auto", 2, ("CT", "T1")) == ("ct", "nonzero")
+    image = np.array([-3000.0, -1000.0, 0.0, 40.0, 1000.0, 5000.0], np.float32).reshape(1, 1, 1, 6)
+    other = image.copy() + 0.0
+    other[..., :3] = 0.0  # another field of view: the same tissue keeps its value, unlike a z-score
+    pads = ds.normalise(image, ("ct",))
+    assert np.allclose(image.ravel(), [-1.0, -1.0, 0.0, 0.04, 1.0, 3.0]) and pads.tolist() == [-1.0]
+    ds.normalise(other, ("ct",))
+    assert np.allclose(other.ravel()[3:], [0.04, 1.0, 3.0])

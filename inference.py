@@ -555,6 +555,20 @@ def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instance
     return labels, found, evaluations
 
 
+def model_segment(model: torch.nn.Module, image: np.ndarray, pads, patch, device: torch.device):
+    """The `segment(start, memory)` of `iterative_instances` for a model of the iterative
+    strategy (`models.iterative.IterativeFCN`) on a normalised `image (C, D, H, W)`: the patch at
+    `start` (padded with `pads` beyond the scan) and the memory patch as one more channel, one
+    forward pass, the segmentation thresholded at 0.5 and the completeness probability."""
+    @torch.no_grad()
+    def segment(start, memory):
+        x = np.concatenate([ds.crop(image, start, patch, pads), memory[None].astype(np.float32)])
+        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
+            seg, complete = model(torch.from_numpy(x[None]).to(device))
+        return (torch.sigmoid(seg.float())[0, 0] >= 0.5).cpu().numpy(), float(torch.sigmoid(complete.float())[0])
+    return segment
+
+
 def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:
     """uint8 {0, 1} mask where `prob` >= 0.5; with `largest_component`, only its largest
     26-connected component (faces, edges and corners join, so that a thin vein stub touching

@@ -187,3 +187,28 @@ def test_ct_channels_keep_their_hounsfield_scale():
     assert np.allclose(image.ravel(), [-1.0, -1.0, 0.0, 0.04, 1.0, 3.0]) and pads.tolist() == [-1.0]
     ds.normalise(other, ("ct",))
     assert np.allclose(other.ravel()[3:], [0.04, 1.0, 3.0])
+
+
+# ----------------------------------------------------------------------------- a model in the search
+
+class BrightNotInMemory(torch.nn.Module):
+    """A stand-in iterative model: the voxels of its image channel above 0 that the memory
+    channel does not hold, completeness logit 0 (probability 0.5)."""
+
+    def forward(self, x):
+        seg = torch.where((x[:, :1] > 0) & (x[:, 1:] == 0), 10.0, -10.0)
+        return seg, torch.zeros(x.shape[0])
+
+
+def test_model_segment_gives_the_model_its_patch_and_the_memory():
+    image = np.full((1, 40, 20, 20), -1.0, np.float32)
+    image[:, 4:10, 5:15, 5:15] = image[:, 24:30, 5:15, 5:15] = 1.0
+    segment = inference.model_segment(BrightNotInMemory(), image, np.array([-1.0], np.float32), (16, 16, 16),
+                                      torch.device("cpu"))
+    memory = np.zeros((16, 16, 16), np.float32)
+    memory[:8] = 1
+    mask, complete = segment((0, 2, 2), memory)
+    assert complete == 0.5 and mask.sum() == 2 * 10 * 10 and mask[8:10, 3:13, 3:13].all()  # only past the memory
+    labels, found, _ = inference.iterative_instances(segment, image.shape[1:], (16, 16, 16))
+    assert [int((labels == k).sum()) for k in (1, 2)] == [600, 600] and len(found) == 2
+    assert found[0].completeness == 0.5 and labels[4, 10, 10] == 1 and labels[27, 10, 10] == 2

@@ -268,22 +268,11 @@ INSTANCE_SUMMARY_CSV = {"csv_start": b"case_id,ref_instances,"}
 
 
 def read_instance_map(path: Path) -> tuple[np.ndarray, dict]:
-    """An instance label map and its geometry; whole non-negative numbers stored as floats (as
-    some NIfTI writers do) are accepted, any other value is a one-line error naming the file."""
+    """An instance label map (whole numbers 0..255, as `ds.label_values` checks any label) as
+    int64, and its geometry."""
     array, props = ds.read_image(path)
-    if array.dtype.kind == "b":
-        array = array.astype(np.uint8)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-            raise UserError(f"{path}: not an instance label map (non-integer values); expected 0 background "
-                            "and 1..N, one value per instance")
-        array = array.astype(np.int64)
-    if array.dtype.kind not in "iu":
-        raise UserError(f"{path}: not an instance label map ({array.dtype} voxels)")
-    if array.size and array.min() < 0:
-        raise UserError(f"{path}: not an instance label map (negative value {int(array.min())}); expected 0 "
-                        "background and 1..N")
-    return array, props
+    ds.label_values(array, path)
+    return np.asarray(array).astype(np.int64), props
 
 
 def score_instances(case: ds.Case, prediction: Path | None) -> tuple[list[dict], dict]:

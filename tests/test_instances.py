@@ -214,7 +214,7 @@ def bad_grid(data, out):
 def bad_values(data, out):
     mask, props = ds.read_image(out / "case_a.nrrd")
     ds.write_image(mask.astype(np.float32) + 0.5, props, out / "case_a.nrrd")
-    return "case_a.nrrd", "non-integer"
+    return "case_a.nrrd", "not whole numbers"
 
 
 @pytest.mark.parametrize("spoil", [bad_gap, bad_grid, bad_values])

@@ -495,6 +495,9 @@ def find_cases(root: str | Path, *, require_labels: bool, flag: str = "--data_di
         raise UserError(f"{flag} {root}: no cases found; expected <case>/lgemri.nrrd (LASC layout), imagesTr/"
                         "<case>.nii.gz (MSD layout) or <patient>/Info.cfg with <patient>_frameYY.nii.gz (ACDC)")
     if require_labels:
+        # An ACDC frame without its _gt is an unlabelled phase of the cine, not a missing file:
+        # the labelled frames train.
+        cases = [c for c in cases if c.label is not None or not ACDC_FRAME.fullmatch(c.case_id)] or cases
         for c in cases:
             if c.label is None:
                 expected = (c.image.parent / "laendo.nrrd" if c.image.name == "lgemri.nrrd"

@@ -86,6 +86,21 @@ def test_acdc_frames_are_cases_grouped_by_patient(acdc):
     assert ds.read_dataset_json(acdc).labels == ds.ACDC_LABELS  # ACDC's classes without a dataset.json
 
 
+def test_acdc_frames_without_their_gt_are_left_out_of_training_only(acdc, tmp_path):
+    d = tmp_path / "patient001"
+    d.mkdir()
+    for f in (acdc / "patient001").iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "patient001_frame02.nii.gz").symlink_to(acdc / "patient001" / "patient001_frame01.nii.gz")  # no _gt
+    assert [c.case_id for c in ds.find_cases(tmp_path, require_labels=True)] == ["patient001_frame01",
+                                                                                 "patient001_frame03"]
+    assert len(ds.find_cases(tmp_path, require_labels=False)) == 3  # prediction takes every frame
+    for f in d.glob("*_gt.nii.gz"):
+        f.unlink()
+    with pytest.raises(UserError, match="missing label"):  # no labelled frame at all
+        ds.find_cases(tmp_path, require_labels=True)
+
+
 def test_acdc_patient_without_frames_gives_its_cine(acdc, tmp_path):
     d = tmp_path / "patient009"
     d.mkdir()

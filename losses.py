@@ -186,6 +186,25 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = FOCAL_
     return _reduce(loss.flatten(1).mean(1), reduction)
 
 
+def iterative_loss(seg_logits: torch.Tensor, complete_logits: torch.Tensor, target: torch.Tensor,
+                   weights: torch.Tensor, complete: torch.Tensor, dice: bool = False) -> torch.Tensor:
+    """The iterative strategy's loss (Lessmann et al., MIDL 2018): per sample, the voxel-weighted
+    binary cross-entropy of the segmentation `sum(w bce) / sum(w)` (weights from
+    `instances.border_weights`), plus the soft Dice loss when `dice`, plus the binary
+    cross-entropy of the completeness logit; the batch mean.
+
+    seg_logits, target, weights: (B, 1, D, H, W); complete_logits, complete: (B,)."""
+    _check_shapes(seg_logits, target, "target")
+    _check_shapes(seg_logits, weights, "weights")
+    bce = F.binary_cross_entropy_with_logits(seg_logits.float(), target.float(), reduction="none")
+    per_sample = (bce * weights).flatten(1).sum(1) / weights.flatten(1).sum(1)
+    if dice:
+        per_sample = per_sample + dice_loss(seg_logits, target, reduction="none")
+    per_sample = per_sample + F.binary_cross_entropy_with_logits(complete_logits.float(), complete.float(),
+                                                                 reduction="none")
+    return per_sample.mean()
+
+
 def signed_distance_map(label: np.ndarray, spacing) -> np.ndarray:
     """Signed Euclidean distance, in millimetres, from each voxel to the boundary of `label`.
 

@@ -10,6 +10,7 @@ from scipy import ndimage
 import dataset as ds
 import inference
 import instances
+import losses
 from models.iterative import IterativeFCN
 from utils import UserError
 
@@ -212,3 +213,20 @@ def test_model_segment_gives_the_model_its_patch_and_the_memory():
     labels, found, _ = inference.iterative_instances(segment, image.shape[1:], (16, 16, 16))
     assert [int((labels == k).sum()) for k in (1, 2)] == [600, 600] and len(found) == 2
     assert found[0].completeness == 0.5 and labels[4, 10, 10] == 1 and labels[27, 10, 10] == 2
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def test_iterative_loss_by_hand():
+    seg = torch.tensor([[[[[2.0, -1.0]]]]])                    # (1, 1, 1, 1, 2)
+    target = torch.tensor([[[[[1.0, 0.0]]]]])
+    weights = torch.tensor([[[[[9.0, 1.0]]]]])
+    complete_logit, complete = torch.tensor([0.5]), torch.tensor([1.0])
+    bce = [np.log(1 + np.exp(-2.0)), np.log(1 + np.exp(-1.0))]  # -log sigmoid(2), -log(1 - sigmoid(-1))
+    completeness = np.log(1 + np.exp(-0.5))
+    expected = (9 * bce[0] + 1 * bce[1]) / 10 + completeness
+    assert losses.iterative_loss(seg, complete_logit, target, weights, complete).item() == pytest.approx(expected)
+    p = 1 / (1 + np.exp(-np.array([2.0, -1.0])))
+    dice = 1 - (2 * p[0] + 1) / (p.sum() + 1 + 1)
+    assert losses.iterative_loss(seg, complete_logit, target, weights, complete, dice=True).item() == \
+        pytest.approx(expected + dice)

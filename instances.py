@@ -67,14 +67,26 @@ def touches_edge(mask: np.ndarray) -> bool:
     return any(np.take(mask, i, axis=a).any() for a in range(mask.ndim) for i in (0, -1))
 
 
+def completeness(label: np.ndarray, start, patch, target: int) -> float:
+    """1.0 when the patch at `start` holds COMPLETE_FRACTION of instance `target` and the
+    instance does not reach the scan's edge, else 0.0 (also for no target)."""
+    if not target:
+        return 0.0
+    whole = label == target
+    inside = np.count_nonzero(ds.crop(label, start, patch, 0) == target)
+    return float(inside >= COMPLETE_FRACTION * np.count_nonzero(whole) and not touches_edge(whole))
+
+
+def patch_targets(crop: np.ndarray, target: int, memory: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(memory, target, weights)` float32 of a label patch: instances 1..`memory`, instance
+    `target` (0: none), and the target's border weights."""
+    mask = crop == target if target else np.zeros(crop.shape, bool)
+    return ((crop > 0) & (crop <= memory)).astype(np.float32), mask.astype(np.float32), border_weights(mask)
+
+
 def sample(image: np.ndarray, pads, label: np.ndarray, start, patch, target: int, memory: int) -> Sample:
     """The sample at `start`: memory = instances 1..`memory`, target = instance `target` (0: none),
-    complete when the patch holds COMPLETE_FRACTION of it and it does not reach the scan's edge."""
-    crop = ds.crop(label, start, patch, 0)
-    mask = crop == target if target else np.zeros(crop.shape, bool)
-    complete = 0.0
-    if target:
-        whole = label == target
-        complete = float(mask.sum() >= COMPLETE_FRACTION * np.count_nonzero(whole) and not touches_edge(whole))
-    return Sample(ds.crop(image, start, patch, pads), ((crop > 0) & (crop <= memory)).astype(np.float32),
-                  mask.astype(np.float32), border_weights(mask), complete, target)
+    complete as `completeness` says."""
+    held, mask, weights = patch_targets(ds.crop(label, start, patch, 0), target, memory)
+    return Sample(ds.crop(image, start, patch, pads), held, mask, weights,
+                  completeness(label, start, patch, target), target)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import dataset as ds
 import inference
+import instances
 import labels as lbl
 import plots
 import prediction
@@ -580,6 +581,35 @@ class PatchSet(torch.utils.data.Dataset):
         image, label = self.settings.augment(image, label, rng)
         label = label[k:len(label) - k]
         return training_item(image, label, self.survey.labels, self.distance_spacing)
+
+
+class IterativeSet(torch.utils.data.Dataset):
+    """Samples of the iterative strategy (`instances.py`) from whole cases held in memory: image
+    (C, D, H, W) normalised with its pad values, and its instance map. Sample j of an epoch is
+    empty (no target) when j % instances.EMPTY_EVERY is the last of the cycle; the image and the
+    label crop are augmented together, and the memory, target and border weights come from the
+    augmented label, the completeness from the whole instance before augmentation. Items:
+    (image and memory (C + 1, D, H, W), target (1, D, H, W), weights (1, D, H, W), complete ())."""
+
+    def __init__(self, data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], patch, sampler: EpochSampler,
+                 augment):
+        self.data, self.patch, self.sampler, self.augment = data, tuple(patch), sampler, augment
+
+    def __len__(self):
+        return self.sampler.samples
+
+    def __getitem__(self, j):
+        i, rng = self.sampler.draw(j)
+        image, pads, label = self.data[i]
+        empty = j % instances.EMPTY_EVERY == instances.EMPTY_EVERY - 1
+        start, target, memory = instances.draw(label, self.patch, rng, empty)
+        complete = instances.completeness(label, start, self.patch, target)
+        crop, crop_label = self.augment(ds.crop(image, start, self.patch, pads), ds.crop(label, start, self.patch, 0),
+                                        rng)
+        held, mask, weights = instances.patch_targets(crop_label, target, memory)
+        x = np.concatenate([crop, held[None]]).astype(np.float32, copy=False)
+        return (torch.from_numpy(x), torch.from_numpy(mask[None]), torch.from_numpy(weights[None]),
+                torch.tensor(complete, dtype=torch.float32))
 
 
 def mean_dice(probs: np.ndarray, label: np.ndarray, labels: Labels) -> float:

@@ -11,6 +11,7 @@ import dataset as ds
 import inference
 import instances
 import losses
+import training
 from models.iterative import IterativeFCN
 from utils import UserError
 
@@ -230,3 +231,23 @@ def test_iterative_loss_by_hand():
     dice = 1 - (2 * p[0] + 1) / (p.sum() + 1 + 1)
     assert losses.iterative_loss(seg, complete_logit, target, weights, complete, dice=True).item() == \
         pytest.approx(expected + dice)
+
+
+def test_iterative_set_items_and_its_empty_samples():
+    label = column(5).astype(np.uint8)
+    image = (label > 0)[None].astype(np.float32)  # the instances bright, so an item shows its crop
+    patch = (32, 24, 24)
+    sampler = training.EpochSampler(1, 10, seed=3)
+    data = training.IterativeSet([(image, np.zeros(1, np.float32), label)], patch, sampler, lambda x, y, rng: (x, y))
+    sampler.set_epoch(1)
+    items = [data[j] for j in range(10)]
+    for j, (x, target, weights, complete) in enumerate(items):
+        assert x.shape == (2, *patch) and target.shape == weights.shape == (1, *patch)
+        memory = x[1] > 0
+        assert torch.equal(memory & (x[0] > 0), memory)  # the memory is made of instances
+        if j % instances.EMPTY_EVERY == instances.EMPTY_EVERY - 1:
+            assert not target.any() and complete == 0 and torch.equal(memory, x[0] > 0)  # all in memory
+        else:
+            assert target.any() and not (target[0].bool() & memory).any()
+    again = training.IterativeSet([(image, np.zeros(1, np.float32), label)], patch, sampler, lambda x, y, rng: (x, y))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(items, (again[j] for j in range(10))))  # seeded by (epoch, j)

@@ -205,6 +205,13 @@ def write_image(array: np.ndarray, props: dict, path: str | Path) -> None:
     atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
 
 
+def physical_point(index, props: dict) -> tuple[float, float, float]:
+    """The scanner's (x, y, z) in mm of a continuous voxel index (z, y, x) in array order:
+    origin + direction (spacing x index), ITK's rule, so that centroids read in Slicer or ITK-SNAP."""
+    ixyz = np.asarray(index, dtype=np.float64)[::-1] * np.asarray(props["spacing"], dtype=np.float64)[::-1]
+    return tuple(float(v) for v in np.asarray(props["origin"]) + np.asarray(props["direction"]).reshape(3, 3) @ ixyz)
+
+
 def same_geometry(a: dict, b: dict, tol: float = GEOMETRY_TOL) -> bool:
     return all(np.allclose(a[k], b[k], atol=tol, rtol=0) for k in ("spacing", "origin", "direction"))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 import dataset as ds
@@ -233,6 +234,23 @@ def predict_cases(pipe: inference.TwoStage | inference.Patches, cases: list[ds.C
         outcome.flagged += warnings_of(case.case_id, flags)
         outcome.rows += [{**row, **flags} for row in result["rows"]]
     return outcome
+
+
+def instance_rows(labels: np.ndarray, props: dict, found: list[inference.Found]) -> list[dict]:
+    """One row per instance of an instance map (values 1..N as `found` lists them): its voxels,
+    volume in ml, centroid in the scanner's mm (x, y, z), the completeness score and whether it
+    is complete (score >= 0.5): `<case>_instances.csv`."""
+    counts = np.bincount(labels.ravel(), minlength=len(found) + 1)
+    centres = ndimage.center_of_mass(labels > 0, labels, range(1, len(found) + 1)) if found else []
+    voxel_ml = float(np.prod(props["spacing"])) / 1000.0
+    rows = []
+    for f, centre in zip(found, centres):
+        x, y, z = ds.physical_point(centre, props) if counts[f.instance] else (float("nan"),) * 3
+        rows.append({"instance": f.instance, "voxels": int(counts[f.instance]),
+                     "volume_ml": round(int(counts[f.instance]) * voxel_ml, 6), "centroid_x_mm": round(x, 3),
+                     "centroid_y_mm": round(y, 3), "centroid_z_mm": round(z, 3),
+                     "completeness": round(f.completeness, 6), "complete": int(f.completeness >= 0.5)})
+    return rows
 
 
 def write_metrics(rows: list[dict], out_dir: Path) -> Path | None:

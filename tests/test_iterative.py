@@ -1,5 +1,6 @@
 """The iterative strategy's pieces: instance label maps (the numbering 1..N, one piece per
-instance) and the one-instance-at-a-time search, driven by oracle and adversarial models."""
+instance), the one-instance-at-a-time search driven by oracle and adversarial models, the model,
+its training samples and loss, CT intensities and the instances table."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,13 @@ import dataset as ds
 import inference
 import instances
 import losses
+import prediction
 import training
 from models.iterative import IterativeFCN
 from utils import UserError
+
+# ITK's direction matrix, row-major: a rotation about x by 30 degrees.
+OBLIQUE_3D = (1.0, 0.0, 0.0, 0.0, 0.8660254037844387, -0.5, 0.0, 0.5, 0.8660254037844387)
 
 
 def spine(n: int = 4) -> np.ndarray:
@@ -251,3 +256,23 @@ def test_iterative_set_items_and_its_empty_samples():
             assert target.any() and not (target[0].bool() & memory).any()
     again = training.IterativeSet([(image, np.zeros(1, np.float32), label)], patch, sampler, lambda x, y, rng: (x, y))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(items, (again[j] for j in range(10))))  # seeded by (epoch, j)
+
+
+# ----------------------------------------------------------------------------- the instances table
+
+def test_instance_rows_place_centroids_in_the_scanners_millimetres():
+    labels = np.zeros((10, 12, 14), np.int32)
+    labels[2:4, 3:7, 5:9] = 1
+    labels[6:9, 1:2, 10:13] = 2
+    props = {"spacing": (2.5, 0.8, 0.7), "origin": (-30.0, 12.5, 100.0), "direction": OBLIQUE_3D}
+    rows = prediction.instance_rows(labels, props, [inference.Found(1, 0.97, 2), inference.Found(2, 0.2, 1)])
+    image = ds.to_sitk(labels.astype(np.uint8), props)
+    for row, v in zip(rows, (1, 2)):
+        zyx = np.argwhere(labels == v).mean(0)
+        expected = image.TransformContinuousIndexToPhysicalPoint([float(i) for i in zyx[::-1]])  # SimpleITK's rule
+        assert [row[f"centroid_{a}_mm"] for a in "xyz"] == pytest.approx(expected, abs=1e-3)
+        assert row["voxels"] == (labels == v).sum()
+        assert row["volume_ml"] == pytest.approx((labels == v).sum() * 2.5 * 0.8 * 0.7 / 1000)
+    assert [(r["instance"], r["complete"]) for r in rows] == [(1, 1), (2, 0)]
+    assert list(rows[0]) == ["instance", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                             "completeness", "complete"]

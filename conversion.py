@@ -48,12 +48,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from scipy.optimize import linear_sum_assignment
 
 import dataset
-from utils import UserError, atomic_write
+from utils import UserError
 
 ORIENTATION_TOL = 1e-3  # direction-cosine difference beyond which two slices are not parallel
 PIXEL_SPACING_TOL = 1e-3  # mm
@@ -411,11 +410,7 @@ def write_cine(cine: CineVolume, path: str | Path) -> None:
     """Write a cine volume atomically: one phase as a 3D image, several as a 4D image whose first
     three axes carry the 3D geometry and whose fourth spacing is `cine.phase_step`, so that
     `dataset.read_image_channels` reads it back as (T, D, H, W) with the same props."""
-    if cine.array.ndim == 3:
-        dataset.write_image(cine.array, cine.props, path)
-        return
-    img = sitk.JoinSeries([dataset.to_sitk(frame, cine.props) for frame in cine.array], 0.0, cine.phase_step)
-    atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
+    dataset.write_image(cine.array, {**cine.props, "axis4": (cine.phase_step, 0.0)}, path)
 
 
 # ----------------------------------------------------------------------------- contours

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage, optimize
 
+from cardiac import MYOCARDIUM_DENSITY, volume_ml
 from dataset import write_image
 from synthetic import case_geometry
 from utils import atomic_write, write_csv
@@ -47,7 +48,6 @@ from utils import atomic_write, write_csv
 DOMAINS = ("a", "b")
 MIN_FRAMES, MAX_FRAMES = 8, 40
 SUB_SLICES = 5  # samples across a slice's thickness: the image averages them, the label takes their majority
-MYOCARDIUM_DENSITY = 1.05  # g/ml, the usual convention for the LV mass
 VALVE_MM = 1.5  # half-thickness of the dark mitral annulus and leaflets along the LV's base plane
 RV, MYO, LV = 1, 2, 3  # ACDC's labels: RV cavity, LV myocardium, LV cavity (papillary muscles included)
 
@@ -107,9 +107,9 @@ def truncated_ellipsoid_ml(a: float, c: float, h: float, tan_tilt: float) -> flo
     return a * a * c * np.pi * (4 / 3 - (1 - delta) ** 2 * (2 + delta) / 3) / 1000
 
 
-def _radius_for(volume_ml: float, c: float, h: float, tan_tilt: float, low: float) -> float:
-    """The short semi-axis a (mm) > `low` whose truncated ellipsoid (a, a, c) holds `volume_ml`."""
-    return optimize.brentq(lambda a: truncated_ellipsoid_ml(a, c, h, tan_tilt) - volume_ml, low, 500.0,
+def _radius_for(volume: float, c: float, h: float, tan_tilt: float, low: float) -> float:
+    """The short semi-axis a (mm) > `low` whose truncated ellipsoid (a, a, c) holds `volume` ml."""
+    return optimize.brentq(lambda a: truncated_ellipsoid_ml(a, c, h, tan_tilt) - volume, low, 500.0,
                            xtol=1e-9)
 
 
@@ -555,11 +555,6 @@ def make_cine_subject(rng=None, domain: str = "a", num_frames: int = 12) -> Cine
                        heart.group, height_cm, weight_kg)
 
 
-def voxel_ml(label: np.ndarray, spacing, value: int) -> float:
-    """ml of the voxels of `label (D, H, W)` equal to `value`: count x sz sy sx / 1000."""
-    return int(np.count_nonzero(label == value)) * float(np.prod(spacing)) / 1000
-
-
 def subject_row(subject_id: str, domain: str, s: CineSubject) -> dict:
     """The subject's row of subjects.csv: its frames, the analytic LV and RV volumes and EF, the
     voxel-counted ones of its ED and ES labels, and the LV mass (1.05 g/ml x the voxel-counted
@@ -571,9 +566,9 @@ def subject_row(subject_id: str, domain: str, s: CineSubject) -> dict:
             "lv_ef_pct": round(100 * (v["lv_edv"] - v["lv_esv"]) / v["lv_edv"], 2),
             "rv_edv_ml": round(v["rv_edv"], 2), "rv_esv_ml": round(v["rv_esv"], 2),
             "rv_ef_pct": round(100 * (v["rv_edv"] - v["rv_esv"]) / v["rv_edv"], 2),
-            "lv_edv_voxel_ml": round(voxel_ml(ed, sp, LV), 2), "lv_esv_voxel_ml": round(voxel_ml(es, sp, LV), 2),
-            "rv_edv_voxel_ml": round(voxel_ml(ed, sp, RV), 2), "rv_esv_voxel_ml": round(voxel_ml(es, sp, RV), 2),
-            "lv_mass_g": round(MYOCARDIUM_DENSITY * voxel_ml(ed, sp, MYO), 2),
+            "lv_edv_voxel_ml": round(volume_ml(ed, sp, LV), 2), "lv_esv_voxel_ml": round(volume_ml(es, sp, LV), 2),
+            "rv_edv_voxel_ml": round(volume_ml(ed, sp, RV), 2), "rv_esv_voxel_ml": round(volume_ml(es, sp, RV), 2),
+            "lv_mass_g": round(MYOCARDIUM_DENSITY * volume_ml(ed, sp, MYO), 2),
             "lv_mass_analytic_g": round(MYOCARDIUM_DENSITY * v["myo"], 2)}
 
 

@@ -601,6 +601,14 @@ def load_label(path, image_shape, image_props: dict, labels: Labels | None = Non
     return class_indices(read_label(path, image_shape, image_props), path, labels)
 
 
+def load_instances(path, image_shape, image_props: dict) -> np.ndarray:
+    """Read an instance label map (`check_instances`: 0 and 1..N, one piece each), checked
+    against its image, as uint8."""
+    label = read_label(path, image_shape, image_props)
+    check_instances(label, path)
+    return label.astype(np.uint8, copy=False)
+
+
 def read_label(path, image_shape, image_props: dict) -> np.ndarray:
     """A label map as stored, checked to lie on its image's grid."""
     label, props = read_image(path)
@@ -705,15 +713,20 @@ def resample_channels(image: np.ndarray, props: dict, spacing) -> np.ndarray:
     return np.stack([resample(channel, props, spacing, label=False)[0] for channel in image])
 
 
-def load_volume(case: Case, spacing, labels: Labels | None, rules) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_volume(case: Case, spacing, labels: Labels | None, rules,
+                instances: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """`(normalised image (C, D, H, W), pad value per channel (C,), class indices or None)` of a
     case at `spacing` (resampled when its own differs: linear, labels nearest; an axis whose
-    `spacing` is None keeps its own, `working_spacing`)."""
+    `spacing` is None keeps its own, `working_spacing`). `instances`: the label is an instance
+    map (`load_instances`), kept as its values 0..N."""
     image, props = read_case_image(case)
     if len(rules) != image.shape[0]:
         raise UserError(f"{case.image}: has {image.shape[0]} channel(s), expected {len(rules)} "
                         "(as the data set's other scans, or the checkpoint)")
-    label = load_label(case.label, image.shape[1:], props, labels) if case.label is not None else None
+    label = None
+    if case.label is not None:
+        label = (load_instances(case.label, image.shape[1:], props) if instances
+                 else load_label(case.label, image.shape[1:], props, labels))
     spacing = working_spacing(props["spacing"], spacing)
     if not same_spacing(props["spacing"], spacing):
         image = resample_channels(image, props, spacing)

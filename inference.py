@@ -440,10 +440,12 @@ def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool
 
 def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
                   average: str = "probabilities", flags=("--locator_path", "--segmenter_path"),
-                  overlap: float | None = None, batch_size: int = 4, default_locators=()) -> TwoStage | Patches:
-    """The strategy the segmenter checkpoints record, with its models: the patch strategy
-    needs no locator (giving one is an error), the two-stage one both (`default_locators`
-    when none is given)."""
+                  overlap: float | None = None, batch_size: int = 4, default_locators=(), max_moves: int | None = None,
+                  max_instances: int | None = None) -> TwoStage | Patches | Iterative:
+    """The strategy the segmenter checkpoints record, with its models: the patch and iterative
+    strategies need no locator (giving one is an error), the two-stage one both
+    (`default_locators` when none is given). `max_moves`, `max_instances`: the iterative
+    search's bounds (None: the checkpoint's)."""
     ckpts = [(p, load_checkpoint(p, "segmenter", flags[1])) for p in _as_paths(segmenter_paths)]
     if not ckpts:
         raise UserError(f"{flags[1]}: no checkpoint given")
@@ -451,11 +453,13 @@ def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: boo
     if len(strategies) > 1:
         raise UserError(f"{flags[1]}: checkpoints of different strategies ({', '.join(sorted(strategies))}); "
                         "an ensemble takes the checkpoints of one run's folds")
+    if strategies != {"two_stage"} and locator_paths:
+        raise UserError(f"{flags[0]}: {ckpts[0][0]} was trained with --strategy {strategy_of(ckpts[0][1])}, which "
+                        f"needs no locator; drop {flags[0]}")
     if strategies == {"patches"}:
-        if locator_paths:
-            raise UserError(f"{flags[0]}: {ckpts[0][0]} was trained with --strategy patches, which needs no "
-                            f"locator; drop {flags[0]}")
         return load_patches(ckpts, device, tta, overlap, batch_size, flags[1])
+    if strategies == {"iterative"}:
+        return load_iterative(ckpts, device, max_moves, max_instances, flags[1])
     return load_two_stage(locator_paths or default_locators, segmenter_paths, device, tta, average, flags, ckpts)
 
 
@@ -555,18 +559,82 @@ def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instance
     return labels, found, evaluations
 
 
-def model_segment(model: torch.nn.Module, image: np.ndarray, pads, patch, device: torch.device):
+def model_segment(models, image: np.ndarray, pads, patch, device: torch.device):
     """The `segment(start, memory)` of `iterative_instances` for a model of the iterative
-    strategy (`models.iterative.IterativeFCN`) on a normalised `image (C, D, H, W)`: the patch at
-    `start` (padded with `pads` beyond the scan) and the memory patch as one more channel, one
-    forward pass, the segmentation thresholded at 0.5 and the completeness probability."""
+    strategy (`models.iterative.IterativeFCN`), or several (a fold ensemble: their probabilities
+    averaged), on a normalised `image (C, D, H, W)`: the patch at `start` (padded with `pads`
+    beyond the scan) and the memory patch as one more channel, one forward pass per model, the
+    segmentation thresholded at 0.5 and the completeness probability."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+
     @torch.no_grad()
     def segment(start, memory):
         x = np.concatenate([ds.crop(image, start, patch, pads), memory[None].astype(np.float32)])
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
-            seg, complete = model(torch.from_numpy(x[None]).to(device))
-        return (torch.sigmoid(seg.float())[0, 0] >= 0.5).cpu().numpy(), float(torch.sigmoid(complete.float())[0])
+        x = torch.from_numpy(x[None]).to(device)
+        seg, complete = 0.0, 0.0
+        for model in models:
+            with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
+                s, c = model(x)
+            seg, complete = seg + torch.sigmoid(s.float())[0, 0], complete + torch.sigmoid(c.float())[0]
+        return (seg / len(models) >= 0.5).cpu().numpy(), float(complete / len(models))
     return segment
+
+
+@dataclass
+class Iterative:
+    """Trained networks of the iterative strategy (one, or the models of several folds) with
+    what their checkpoints record (patch, spacing, channels and their rules, the class), and
+    the search's bounds."""
+    models: list[torch.nn.Module]
+    patch_size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    channels: tuple[str, ...]
+    normalization: tuple[str, ...]
+    labels: Labels
+    device: torch.device
+    max_moves: int = 20
+    max_instances: int = 100
+
+
+def load_iterative(ckpts: list[tuple[Path, dict]], device: torch.device, max_moves: int | None = None,
+                   max_instances: int | None = None, flag: str = "--segmenter_path") -> Iterative:
+    """The iterative strategy's models of checkpoints that agree on their input; the search's
+    bounds as given, else as the checkpoint records them."""
+    _agree_segmenters(ckpts, flag)
+    config = ckpts[0][1]["config"]
+    return Iterative([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]),
+                     tuple(config["spacing"]), tuple(config["channels"]), tuple(config["normalization"]),
+                     Labels.from_record(config["labels"]), device,
+                     max_moves or config.get("max_moves", 20), max_instances or config.get("max_instances", 100))
+
+
+def predict_iterative(pipe: Iterative, image: np.ndarray, props: dict,
+                      source="scan") -> tuple[np.ndarray, list[Found], int]:
+    """The instance map of `image (C, D, H, W)` on its own grid (uint8, or uint16 past 255
+    instances; 0 and 1..N in the order found), the instances' `Found` records and the number of
+    network evaluations: the scan resampled to the models' spacing when its own differs,
+    normalised as in training, searched (`iterative_instances`), and the map resampled back
+    (nearest). An instance too small to keep a voxel on the scan's grid is dropped and the
+    others renumbered, so that the map holds 1..N without gaps."""
+    _check_channels(pipe, image, source)
+    resampled = not ds.same_spacing(props["spacing"], pipe.spacing)
+    work = ds.resample_channels(image, props, pipe.spacing) if resampled else image.astype(np.float32, copy=True)
+    pads = ds.normalise(work, pipe.normalization)
+    segment = model_segment(pipe.models, work, pads, pipe.patch_size, pipe.device)
+    labels, found, evaluations = iterative_instances(segment, work.shape[1:], pipe.patch_size, pipe.max_moves,
+                                                     pipe.max_instances)
+    del work
+    dtype = np.uint8 if len(found) <= 255 else np.uint16
+    if resampled:
+        labels = ds.resample_onto(labels, {**props, "spacing": tuple(pipe.spacing)}, image.shape[1:], props,
+                                  label=True)
+        kept = [f for f in found if np.any(labels == f.instance)]
+        if len(kept) < len(found):
+            lookup = np.zeros(len(found) + 1, np.int64)
+            lookup[[f.instance for f in kept]] = np.arange(1, len(kept) + 1)
+            labels = lookup[labels]
+            found = [Found(k, f.completeness, f.moves, f.oscillated) for k, f in enumerate(kept, 1)]
+    return labels.astype(dtype), found, evaluations
 
 
 def to_mask(prob: np.ndarray, largest_component: bool = False) -> np.ndarray:

@@ -387,5 +387,34 @@ class SegmentationLoss:
         return hybrid_loss(logits, target, distance_map, weight, squared=self.squared_dice, activation=act)
 
 
+# The iterative strategy's segmentation terms: the paper's border-weighted cross-entropy, alone or
+# with the soft Dice; the completeness cross-entropy is added to either.
+ITERATIVE_LOSSES = ("WeightedBCE", "WeightedBCEDice")
+
+
+@dataclass(frozen=True)
+class IterativeLoss:
+    """`iterative_loss` behind the training loop's call, for a model of two outputs:
+
+        loss = IterativeLoss("WeightedBCE")(seg_logits, complete_logits, target, weights, complete)
+
+    `weight` is accepted for the loop's sake and unused (no schedule)."""
+
+    name: str = "WeightedBCE"
+
+    def __post_init__(self):
+        if self.name not in ITERATIVE_LOSSES:
+            raise ValueError(f"loss {self.name!r}: must be one of {', '.join(ITERATIVE_LOSSES)}")
+
+    @property
+    def needs_distance_map(self) -> bool:
+        return False
+
+    def __call__(self, seg_logits: torch.Tensor, complete_logits: torch.Tensor, target: torch.Tensor,
+                 weights: torch.Tensor, complete: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        return iterative_loss(seg_logits, complete_logits, target, weights, complete,
+                              dice=self.name == "WeightedBCEDice")
+
+
 # Each loss at its defaults, by name (train.py's `--loss_criterion` choices).
 LOSSES = {name: SegmentationLoss(name) for name in LOSS_NAMES}

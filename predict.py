@@ -36,7 +36,7 @@ import dataset as ds
 import inference
 import labels as lbl
 import prediction
-from metrics import METRIC_KEYS, STRUCTURE, format_structure_table, summarise
+from metrics import METRIC_KEYS, STRUCTURE, format_instance_table, format_structure_table, summarise
 from prediction import OUTPUT_SUFFIX
 from utils import ArgParser, UserError, run_cli
 
@@ -85,6 +85,10 @@ def parse_args(argv=None):
     m.add_argument("--overlap", type=float, help="patch strategy: overlap of neighbouring sliding windows "
                                                  "(default: the checkpoint's, 0.5)")
     m.add_argument("--batch_size", type=int, default=4, help="patch strategy: windows per forward pass")
+    m.add_argument("--max_moves", type=int, help="iterative strategy: moves of the patch after one instance before "
+                                                 "it is taken where it is (default: the checkpoint's, 20)")
+    m.add_argument("--max_instances", type=int, help="iterative strategy: the search stops after this many "
+                                                     "instances (default: the checkpoint's, 100)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     return p.parse_args(argv)
 
@@ -129,7 +133,10 @@ def report(outcome: prediction.Outcome, out_dir: Path) -> None:
     for f in outcome.flagged:
         print(f"warning: {f}", file=sys.stderr)
     if prediction.write_metrics(outcome.rows, out_dir):
-        if STRUCTURE in outcome.rows[0]:  # one row per case and class or region
+        if "detection_rate" in outcome.rows[0]:  # instances: one row per case
+            print(f"instance metrics over {len(outcome.rows)} case(s) ({out_dir / 'metrics.csv'}):")
+            print(format_instance_table(outcome.rows))
+        elif STRUCTURE in outcome.rows[0]:  # one row per case and class or region
             print(f"metrics over {len({r['case_id'] for r in outcome.rows})} case(s) ({out_dir / 'metrics.csv'}):")
             print(format_structure_table(outcome.rows))
         else:
@@ -172,6 +179,23 @@ def model_paths(args) -> tuple[list[Path] | None, list[Path], tuple[str, str]]:
             [run / f"fold_{k}" / "segmenter" / "best.pt" for k in folds], ("--run", "--run"))
 
 
+def check_strategy_flags(args, pipe, checkpoint: Path) -> None:
+    """Flags that belong to another strategy than the checkpoint's are refused, naming both."""
+    iterative = isinstance(pipe, inference.Iterative)
+    if iterative:
+        given = [f for f, on in (("--tta", args.tta), ("--largest_component", args.largest_component),
+                                 ("--save_probabilities", args.save_probabilities), ("--regions", args.regions),
+                                 ("--overlap", args.overlap is not None), ("--label_value", args.label_value != 1))
+                 if on]
+        why = "the iterative strategy writes an instance map, found patch by patch"
+    else:
+        given = [f for f, on in (("--max_moves", args.max_moves), ("--max_instances", args.max_instances)) if on]
+        why = "they bound the iterative strategy's search"
+    if given:
+        raise UserError(f"{given[0]}: {checkpoint} was trained with --strategy "
+                        f"{inference.strategy_of(inference.load_checkpoint(checkpoint))}; {why}; drop {given[0]}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cases = cases_from_args(args)
@@ -180,10 +204,15 @@ def main(argv=None):
         raise UserError(f"--overlap {args.overlap}: must lie in [0, 1)")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    for flag in ("max_moves", "max_instances"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     inference.set_cpu_threads()
     pipe = inference.load_pipeline(locators, segmenters, inference.resolve_device(args.device), tta=args.tta,
                                    flags=flags, overlap=args.overlap, batch_size=args.batch_size,
-                                   default_locators=[Path("runs/demo/locator/best.pt")])
+                                   default_locators=[Path("runs/demo/locator/best.pt")], max_moves=args.max_moves,
+                                   max_instances=args.max_instances)
+    check_strategy_flags(args, pipe, segmenters[0])
     regions = ()
     if args.regions:
         try:
@@ -191,7 +220,7 @@ def main(argv=None):
             lbl.scored_structures(pipe.labels, regions)
         except ValueError as e:
             raise UserError(f"--regions: {e}") from None
-    if isinstance(pipe, inference.Patches):
+    if not isinstance(pipe, inference.TwoStage):
         if len(pipe.models) > 1:
             print(f"ensemble of {len(pipe.models)} models")
     elif len(pipe.locators) + len(pipe.segmenters) > 2:

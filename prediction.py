@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,14 @@ import inference
 import labels as lbl
 import plots
 from labels import Labels
-from metrics import compute_metrics, structure_metrics
+from metrics import compute_metrics, instance_metrics, structure_metrics
 from utils import UserError, write_csv
 
+Pipeline = inference.TwoStage | inference.Patches | inference.Iterative  # what load_pipeline returns
 OUTPUT_SUFFIX = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mha": ".mha"}
 FLAGS = ("locator_found", "larger_than_patch")  # metrics.csv columns beside the metrics
+INSTANCE_COLUMNS = ("instance", "voxels", "volume_ml", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                    "completeness", "complete")  # <case>_instances.csv
 
 
 @dataclass
@@ -44,19 +48,20 @@ class Outcome:
     rows: list[dict] = field(default_factory=list)     # metrics and flags of the labelled cases
     written: int = 0
     kept: int = 0
-    flagged: list[str] = field(default_factory=list)   # the locator's warnings
+    flagged: list[str] = field(default_factory=list)   # the locator's warnings, the search's notes
     failed: list[str] = field(default_factory=list)    # "<case>: <reason>"
 
 
 def output_paths(out_path: Path, prob_names=()) -> dict[str, Path]:
     """The files of one case beside its mask: `<name>_prob<ext>` (with several outputs, one
     `<name>_prob_<output><ext>` per class or region: keys "prob_<output>") and
-    `<name>_overlay.png`."""
+    `<name>_overlay.png`, and `<name>_instances.csv` (the iterative strategy's table)."""
     suffix = next((s for s in OUTPUT_SUFFIX.values() if out_path.name.endswith(s)), out_path.suffix)
     base = out_path.name[: len(out_path.name) - len(suffix)] if suffix else out_path.name
     probs = {f"prob_{n}": out_path.with_name(f"{base}_prob_{n}{suffix}") for n in prob_names} or \
         {"prob": out_path.with_name(f"{base}_prob{suffix}")}
-    return {"mask": out_path, **probs, "overlay": out_path.with_name(f"{base}_overlay.png")}
+    return {"mask": out_path, **probs, "overlay": out_path.with_name(f"{base}_overlay.png"),
+            "instances": out_path.with_name(f"{base}_instances.csv")}
 
 
 def prob_names(pipe) -> list[str]:
@@ -107,7 +112,7 @@ def label_map(probs: np.ndarray, labels: Labels, opts: Outputs) -> np.ndarray:
     return mask
 
 
-def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, paths: dict, wanted: set,
+def predict_case(pipe: Pipeline, case: ds.Case, paths: dict, wanted: set,
                  opts: Outputs) -> dict:
     """Predict one case (a scan of C channels) and write the outputs named in `wanted` ("mask",
     "prob" or "prob_<output>", "overlay"): a label map of the declared values (the atrium's
@@ -118,6 +123,8 @@ def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, pa
     `opts.largest_component` keeps the largest 26-connected component of the foreground (all
     classes together)."""
     image, props = ds.read_case_image(case)
+    if isinstance(pipe, inference.Iterative):
+        return predict_instances(pipe, case, image, props, paths, wanted)
     if is_cine(pipe, image, props, case.image):
         return predict_cine(pipe, case, image, props, paths, wanted, opts)
     labels = pipe.labels
@@ -150,6 +157,46 @@ def predict_case(pipe: inference.TwoStage | inference.Patches, case: ds.Case, pa
                       case.case_id)
     rows = [] if label is None else case_rows(case.case_id, mask, label, labels, props["spacing"], opts.regions)
     return {"rows": rows, "flags": flags if "mask" in wanted else None}
+
+
+def predict_instances(pipe: inference.Iterative, case: ds.Case, image: np.ndarray, props: dict, paths: dict,
+                      wanted: set) -> dict:
+    """Predict one scan with the iterative strategy and write what `wanted` names: the instance
+    map ("mask": 0 and 1..N in the order found, the scan's geometry), its table ("instances":
+    `instance_rows`) and "overlay". Returns the instance metrics of a labelled case
+    (`metrics.instance_metrics`' summary, one row) and notes: a scan smaller than the patch
+    (padded), a search stopped by --max_instances, the evaluations it took."""
+    notes, rows = [], []
+    if wanted - {"overlay"}:
+        shape = ds.resampled_shape(image.shape[1:], props["spacing"], pipe.spacing)
+        if any(n < p for n, p in zip(shape, pipe.patch_size)):
+            notes.append(f"{case.case_id}: smaller than the patch {pipe.patch_size} at {pipe.spacing} mm "
+                         f"({shape} voxels); padded with the background value")
+        t0 = time.time()
+        labels, found, evaluations = inference.predict_iterative(pipe, image, props, case.image)
+        if len(found) >= pipe.max_instances:
+            notes.append(f"{case.case_id}: the search stopped at --max_instances {pipe.max_instances}; raise it "
+                         "if the scan holds more")
+        tqdm.write(f"{case.case_id}: {len(found)} instance(s), {sum(f.completeness >= 0.5 for f in found)} complete; "
+                   f"{evaluations} network evaluations, {time.time() - t0:.1f} s")
+        if "instances" in wanted:
+            write_csv(paths["instances"], instance_rows(labels, props, found), INSTANCE_COLUMNS)
+        if "mask" in wanted:
+            ds.write_image(labels, props, paths["mask"])
+    else:
+        labels, kept_props = ds.read_image(paths["mask"])
+        if labels.shape != image.shape[1:] or not ds.same_geometry(kept_props, props):
+            raise UserError(f"{paths['mask']}: an existing instance map not on its scan's grid; pass --overwrite "
+                            "to redo it")
+    reference = None
+    if case.label is not None:
+        reference = ds.load_instances(case.label, image.shape[1:], props)
+        _, summary = instance_metrics(labels, reference, spacing=props["spacing"])
+        rows = [{"case_id": case.case_id, **summary}]
+    if "overlay" in wanted:
+        plots.overlay(paths["overlay"], image[0], labels > 0, None if reference is None else reference > 0,
+                      props["spacing"], case.case_id)
+    return {"rows": rows, "flags": None, "notes": notes}
 
 
 def is_cine(pipe, image: np.ndarray, props: dict, source) -> bool:
@@ -203,14 +250,15 @@ def warnings_of(case_id: str, flags: dict) -> list[str]:
     return out
 
 
-def predict_cases(pipe: inference.TwoStage | inference.Patches, cases: list[ds.Case], out_dir: Path, opts: Outputs,
+def predict_cases(pipe: Pipeline, cases: list[ds.Case], out_dir: Path, opts: Outputs,
                   single_output: Path | None = None) -> Outcome:
     """Predict `cases` into `out_dir` (`<case_id>.<format>`, or `single_output` for one case).
     A case whose outputs all exist is kept unless `opts.overwrite`; a case that fails is
     recorded and the others go on, unless it is the only one (its error is raised)."""
     earlier = previous_flags(out_dir / "metrics.csv")
-    names = prob_names(pipe)
-    asked = {"mask"} | ({"overlay"} if opts.overlays else set())
+    iterative = isinstance(pipe, inference.Iterative)
+    names = [] if iterative else prob_names(pipe)
+    asked = {"mask"} | ({"overlay"} if opts.overlays else set()) | ({"instances"} if iterative else set())
     asked |= ({f"prob_{n}" for n in names} or {"prob"}) if opts.probabilities else set()
     outcome = Outcome()
     for case in tqdm(cases, desc="predict", unit="case", disable=not sys.stderr.isatty()):
@@ -227,7 +275,8 @@ def predict_cases(pipe: inference.TwoStage | inference.Patches, cases: list[ds.C
             continue
         outcome.written += "mask" in wanted
         outcome.kept += "mask" not in wanted
-        if isinstance(pipe, inference.Patches):  # no locator, no flags
+        outcome.flagged += result.get("notes", [])
+        if not isinstance(pipe, inference.TwoStage):  # no locator, no flags
             outcome.rows += result["rows"]
             continue
         flags = result["flags"] or earlier.get(case.case_id, flag_cells({}))  # a kept mask: as its run recorded

@@ -41,12 +41,13 @@ import splits
 import synthetic
 import training
 from augment import add_augment_args, augmenter_from_args
-from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, LOSS_NAMES, BoundarySchedule
-from models import VNet, count_parameters, describe, model_arch
+from losses import BOUNDARY_FLOOR, FOCAL_ALPHA, FOCAL_GAMMA, ITERATIVE_LOSSES, LOSS_NAMES, BoundarySchedule
+from models import IterativeFCN, VNet, count_parameters, describe, model_arch
 from utils import ArgParser, UserError, parse_bool, run_cli, write_json
 
 STAGES = ["locator", "segmenter"]
-STRATEGIES = ("two_stage", "patches")
+STRATEGIES = ("two_stage", "patches", "iterative")
+ITERATIVE_WIDTH = 64  # the iterative FCN's constant width in the paper (--base_channels' default there)
 DEMO_DATA = "data/phantoms"  # the default --data_dir: phantoms are generated there when it is absent
 # In 2D most patches are drawn anywhere: slices beyond the base and the apex, where a 2D network
 # must learn that the heart ends, hold no foreground and are never drawn otherwise (docs/cardiac.md).
@@ -64,8 +65,10 @@ def parse_args(argv=None, defaults: dict | None = None):
     g.add_argument("--output_dir", default="runs/demo", help="run folder")
     g.add_argument("--strategy", choices=STRATEGIES,
                    help="two_stage: a locator on the downscaled scan, a segmenter on a crop around what it finds; "
-                        "patches: one network on random patches, predicting with a sliding window (no locator) "
-                        "(default: two_stage in 3D, patches in 2D)")
+                        "patches: one network on random patches, predicting with a sliding window (no locator); "
+                        "iterative: instances one at a time (vertebrae; labels 0 and 1..N, one per instance), a "
+                        "network of two inputs (scan and the instances found) that segments the next one and says "
+                        "whether it is complete (default: two_stage in 3D, patches in 2D)")
     g.add_argument("--stage", choices=("both", "locator", "segmenter"), default="both", help="which stage(s) to train")
     g.add_argument("--locator_path", help="trained locator for --stage segmenter (default: RUN/locator/best.pt)")
     g.add_argument("--split", help="JSON split file to reuse: {\"train\": [...], \"val\": [...]}, or nnU-Net's "
@@ -126,23 +129,30 @@ def parse_args(argv=None, defaults: dict | None = None):
                    help="start the segmenter from random weights")
     m.add_argument("--reduction", type=int, default=4, help="attention channel-gate reduction")
     m.add_argument("--attention_dilation", type=int, default=4, help="dilation of the attention spatial gate")
-    m.add_argument("--base_channels", type=int, default=8,
-                   help="V-Net input-stage width of both stages (8: reference; less for CPU demos)")
+    m.add_argument("--base_channels", type=int,
+                   help="V-Net input-stage width of both stages (default 8: the reference); the iterative FCN's "
+                        f"constant width (default {ITERATIVE_WIDTH}: the paper's); less for CPU demos")
     s = p.add_argument_group("segmenter")
     s.add_argument("--batch_size", type=int, default=3)
     s.add_argument("--learning_rate", type=float,
                    help="default: 3e-4 for the two-stage segmenter (the reference's); 1e-3 for the patch strategy "
                         "(docs/multiclass.md measures both)")
-    s.add_argument("--loss_criterion", choices=LOSS_NAMES,
+    s.add_argument("--loss_criterion", choices=LOSS_NAMES + ITERATIVE_LOSSES,
                    help="default: Dice for the two-stage segmenter of one class (the reference's); DiceCE otherwise: a "
                         "patch or crop that lacks a class saturates a Dice term once the class is predicted in it, "
-                        "and the cross-entropy keeps penalising it (nnU-Net's loss)")
+                        "and the cross-entropy keeps penalising it (nnU-Net's loss). The iterative strategy: "
+                        f"{' or '.join(ITERATIVE_LOSSES)} (default {ITERATIVE_LOSSES[0]}: border-weighted "
+                        "cross-entropy, the paper's), each plus the completeness cross-entropy")
     s.add_argument("--patience", type=int, default=7, help="ReduceLROnPlateau patience (epochs)")
     s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
     s.add_argument("--max_epochs", type=int, default=200)
     s.add_argument("--samples_per_epoch", type=int, default=None, help="crops per epoch (default: 6 per training case)")
     s.add_argument("--patch_size", type=int, nargs="+", metavar="N",
-                   help="segmenter input size: D H W, or H W in 2D (default: derived; in 2D the median slice)")
+                   help="segmenter input size: D H W, or H W in 2D (default: derived; in 2D the median slice; "
+                        "patches and iterative: the median shape, at most 128 a side)")
+    s.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                   help="training spacing in mm, D H W or one for all axes; scans are resampled to it and "
+                        "predictions back (default: the data's median spacing)")
     s.add_argument("--padding", type=int, nargs=3, metavar=("D", "H", "W"), default=(30, 30, 30),
                    help="total margin added to the largest atrium extent to derive the patch size")
     c = p.add_argument_group("channels and classes; the patch strategy")
@@ -198,6 +208,8 @@ def check_args(args) -> None:
     if args.spatial_dims == 2 and args.strategy != "patches":
         raise UserError(f"--strategy {args.strategy}: a 2D model (--spatial_dims 2) trains with --strategy patches "
                         "(whole slices or in-plane patches); drop --strategy or --spatial_dims")
+    if args.base_channels is None:
+        args.base_channels = ITERATIVE_WIDTH if args.strategy == "iterative" else 8
     positive = ["max_epochs", "batch_size", "locator_batch_size", "learning_rate", "locator_learning_rate",
                 "num_layers", "dilation", "base_channels", "save_after_epochs", "samples_per_epoch",
                 "locator_samples_per_epoch", "locator_max_epochs", "reduction", "attention_dilation"]
@@ -234,9 +246,15 @@ def check_args(args) -> None:
             lbl.parse_regions(args.regions)
         except ValueError as e:
             raise UserError(str(e)) from None
-    if args.strategy == "patches" and (args.stage != "both" or args.locator_path):
+    if args.strategy != "two_stage" and (args.stage != "both" or args.locator_path):
         raise UserError(f"{'--stage ' + args.stage if args.stage != 'both' else '--locator_path'}: "
-                        "--strategy patches trains one network and no locator; drop it")
+                        f"--strategy {args.strategy} trains one network and no locator; drop it")
+    check_iterative_args(args)
+    if args.spacing is not None:
+        if len(args.spacing) not in (1, 3) or not all(v > 0 for v in args.spacing):
+            raise UserError(f"--spacing {' '.join(map(str, args.spacing))}: give one spacing in mm for all axes, or "
+                            "three (D H W), each greater than 0")
+        args.spacing = list(args.spacing) * (3 // len(args.spacing))
     if min(args.padding) < 0:
         raise UserError(f"--padding {' '.join(map(str, args.padding))}: must be 0 or more")
     if args.context_slices < 0 or (args.context_slices and args.spatial_dims != 2):
@@ -256,11 +274,31 @@ def check_args(args) -> None:
     for flag, path in (("--init_from", args.init_from), ("--locator_init_from", args.locator_init_from)):
         if path:
             inference.load_checkpoint(path, None, flag)  # a bad file fails before any data is read
-    if args.locator_init_from and args.strategy == "patches":
-        raise UserError(f"--locator_init_from {args.locator_init_from}: --strategy patches trains no locator; "
-                        "use --init_from")
+    if args.locator_init_from and args.strategy != "two_stage":
+        raise UserError(f"--locator_init_from {args.locator_init_from}: --strategy {args.strategy} trains no "
+                        "locator" + ("; use --init_from" if args.strategy == "patches" else ""))
     ds.downscale_factors(args.scale_factor)
     augmenter_from_args(args)
+
+
+def check_iterative_args(args) -> None:
+    """The iterative strategy's losses, and the flags that belong to the other strategies."""
+    iterative = args.strategy == "iterative"
+    if args.loss_criterion is not None and iterative != (args.loss_criterion in ITERATIVE_LOSSES):
+        raise UserError(f"--loss_criterion {args.loss_criterion}: "
+                        + (f"the iterative strategy trains with {' or '.join(ITERATIVE_LOSSES)}" if iterative else
+                           f"a loss of the iterative strategy; give --strategy iterative, or one of "
+                           f"{', '.join(LOSS_NAMES)}"))
+    if not iterative:
+        return
+    if args.regions:
+        raise UserError("--regions: the iterative strategy segments instances of one class, not regions; drop it")
+    if args.init_from or args.freeze_encoder_epochs:
+        raise UserError(f"--{'init_from' if args.init_from else 'freeze_encoder_epochs'}: transfer learning takes "
+                        "V-Net checkpoints; the iterative FCN trains from random weights (drop it)")
+    if args.attention_module or args.num_layers != 1 or args.dilation != 1:
+        raise UserError("--attention_module/--num_layers/--dilation: shape the V-Net; the iterative FCN has "
+                        "--base_channels alone; drop them")
 
 
 def stage_settings(args, stage: str) -> training.StageSettings:
@@ -279,6 +317,12 @@ def stage_settings(args, stage: str) -> training.StageSettings:
             loss_criterion=args.locator_loss_criterion, augment=augmenter_from_args(args, voxel_scale=max(factors[1:])),
             scale_factor=tuple(args.scale_factor), init_from=args.locator_init_from, **shared)
     shared.update(init_from=args.init_from, freeze_encoder_epochs=args.freeze_encoder_epochs)
+    if args.strategy == "iterative":
+        return training.IterativeSettings(
+            batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
+            max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch,
+            loss_criterion=args.loss_criterion, augment=augmenter_from_args(args), patch_size=patch_of(args),
+            augmentation_grid=args.augmentation_grid, **shared)
     if args.strategy == "patches":
         return training.PatchSettings(
             batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
@@ -301,6 +345,8 @@ def stage_model(args, stage: str, in_channels: int = 1, out_channels: int = 1) -
     the model flags shape the segmenter."""
     if stage == "locator":
         return VNet(in_channels, 1, base_channels=args.base_channels)
+    if args.strategy == "iterative":  # the scan's channels and the instance memory
+        return IterativeFCN(in_channels + 1, args.base_channels)
     return VNet(in_channels, out_channels, num_layers=args.num_layers, dilation=args.dilation,
                 base_channels=args.base_channels, attention_module=args.attention_module, reduction=args.reduction,
                 attention_dilation=args.attention_dilation, spatial_dims=args.spatial_dims,
@@ -315,8 +361,9 @@ def patch_of(args) -> tuple[int, int, int] | None:
 
 
 def run_stages(args) -> list[str]:
-    """The stages a run trains: both, the one --stage names, or the patch strategy's one network."""
-    if args.strategy == "patches":
+    """The stages a run trains: both, the one --stage names, or the one network of the patch and
+    iterative strategies."""
+    if args.strategy != "two_stage":
         return ["segmenter"]
     return list(STAGES) if args.stage == "both" else [args.stage]
 
@@ -456,24 +503,49 @@ def train_patches(args, cases, split: dict, run_dir: Path, device, resume, write
     return training.train_patches(model, cases, data, split, survey, settings, patch, run_dir, device, resume)
 
 
+def train_iterative(args, cases, split: dict, run_dir: Path, device, resume, write_files) -> Path:
+    """The iterative strategy: the instance maps checked (1..N, one piece each), the cases
+    decoded at the training spacing, the run files once the data passed, training."""
+    survey = read_survey(args, cases, split)
+    settings = stage_settings(args, "segmenter")
+    patch = tuple(settings.patch_size or survey.default_patch())
+    small = [i for i, shape in survey.shapes.items() if any(n < p for n, p in zip(shape, patch))]
+    if small:
+        print(f"note: {len(small)} case(s) ({', '.join(small[:3])}{' ...' if len(small) > 3 else ''}) are smaller "
+              f"than the patch {patch} at spacing {survey.spacing} mm on some axis: padded (with the scan's "
+              "background value) where a patch runs past them")
+    settings.patch_size = patch
+    by_id = {c.case_id: c for c in cases}
+    ids = split["train"] + split["val"]
+    data = dict(zip(ids, training.load_instance_cases([by_id[i] for i in ids], survey, args.cache_cases)))
+    model = stage_model(args, "segmenter", len(survey.channels))
+    write_files(["segmenter"])
+    return training.train_iterative(model, cases, data, split, survey, settings, run_dir, device, resume)
+
+
 def read_survey(args, cases, split: dict, need_foreground: bool = True) -> training.Survey:
     """The data set's survey (`training.read_survey`) with dataset.json's declarations and the
-    flags' regions and normalisation, printed in a few lines."""
+    flags' regions, spacing and normalisation, printed in a few lines."""
+    iterative = args.strategy == "iterative"
     survey = training.read_survey(cases, split["train"], ds.read_dataset_json(args.data_dir),
-                                  lbl.parse_regions(args.regions or []), args.normalization, need_foreground,
-                                  args.spatial_dims)
+                                  lbl.parse_regions(args.regions or []), args.normalization,
+                                  need_foreground and not iterative, args.spatial_dims, args.spacing, iterative)
     shown = tuple("each scan's" if s is None else s for s in survey.spacing)
     print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), spacing {shown} mm")
     reference = args.strategy == "two_stage" and survey.labels.binary  # the left atrium's recipe
     if args.loss_criterion is None:
-        args.loss_criterion = "Dice" if reference else "DiceCE"
+        args.loss_criterion = ITERATIVE_LOSSES[0] if iterative else "Dice" if reference else "DiceCE"
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if args.strategy == "two_stage" else 1e-3
     if args.p_scale is None:  # scans of several sequences vary in contrast per channel (docs/multiclass.md)
         args.p_scale = 0.0 if reference else 0.5
     if args.max_offset is None:
         args.max_offset = 0.0 if reference else 0.1
-    if len(survey.channels) > 1 or not survey.labels.binary:
+    if iterative:
+        counts = list(survey.instances.values())
+        print(f"{sum(counts)} instances ({survey.labels.names[0]}) in {len(counts)} cases, {min(counts)} to "
+              f"{max(counts)} a case; channel(s) {', '.join(survey.channels)} ({'/'.join(survey.normalization)})")
+    elif len(survey.channels) > 1 or not survey.labels.binary:
         print(f"{len(survey.channels)} channel(s) ({', '.join(survey.channels)}), z-scored "
               f"{'/'.join(survey.normalization)}; classes {dict(zip(survey.labels.values, survey.labels.names))}"
               + (f"; regions {dict(survey.labels.regions)}" if survey.labels.regions else ""))
@@ -485,6 +557,9 @@ def train_stages(args, run_dir: Path, cases, split: dict, device, plan, write_fi
     stages, resume, locator_path = plan
     if args.strategy == "patches":
         train_patches(args, cases, split, run_dir, device, resume, write_files)
+        return
+    if args.strategy == "iterative":
+        train_iterative(args, cases, split, run_dir, device, resume, write_files)
         return
     survey = read_survey(args, cases, split)
     if args.init_from and "segmenter" in stages:  # before the locator stage trains and writes its files

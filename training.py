@@ -39,10 +39,11 @@ from losses import (
     FOCAL_ALPHA,
     FOCAL_GAMMA,
     BoundarySchedule,
+    IterativeLoss,
     SegmentationLoss,
     signed_distance_maps,
 )
-from metrics import dice
+from metrics import dice, match_instances
 from models import VNet, count_parameters, describe, model_arch
 from utils import UserError, atomic_write, write_json
 
@@ -128,6 +129,17 @@ class PatchSettings(StageSettings):
     augmentation_grid: str | None = None
 
 
+@dataclass
+class IterativeSettings(StageSettings):
+    patch_size: tuple | None = None       # None: the data's median shape, at most 128 a side
+    max_moves: int = 20                   # of the validation search (inference.iterative_instances)
+    max_instances: int = 100
+    augmentation_grid: str | None = None
+
+    def criterion(self) -> IterativeLoss:
+        return IterativeLoss(self.loss_criterion)
+
+
 # ----------------------------------------------------------------------------- the data set
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class Survey:
     channels: tuple[str, ...] = ("channel 0",)
     normalization: tuple[str, ...] = ("whole",)
     labels: Labels = field(default_factory=lbl.binary)
+    instances: dict[str, int] = field(default_factory=dict)  # instances per case (the iterative strategy)
 
     def padded_shape(self, factors) -> tuple[int, int, int]:
         """The largest shape, rounded up so that the locator's downscaled input divides by 16."""
@@ -167,13 +180,16 @@ class Survey:
 
 
 def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = None, regions=(),
-                normalization: str = "auto", need_foreground: bool = True, spatial_dims: int = 3) -> Survey:
+                normalization: str = "auto", need_foreground: bool = True, spatial_dims: int = 3,
+                spacing=None, instances: bool = False) -> Survey:
     """Image headers (shape, spacing, channels: every case alike, and as dataset.json declares)
     and labels (on their image's grid, holding declared values only; without a declaration the
     values found make the classes), then each label's foreground box; `regions` ((name,
     values) pairs) from --regions. With `need_foreground`, a training case without foreground
     is refused (the two-stage strategy's crops are placed on it). For a 2D model
-    (`spatial_dims` 2) the spacing's slice axis is None: each scan keeps its own."""
+    (`spatial_dims` 2) the spacing's slice axis is None: each scan keeps its own. `spacing`
+    (mm, array order) replaces the median. `instances`: the labels are instance maps
+    (`ds.check_instances`) of the one class dataset.json declares, if any."""
     info = info or ds.DatasetInfo()
     headers = [ds.read_case_info(c) for c in tqdm(cases, desc="reading headers", unit="case",
                                                    disable=not sys.stderr.isatty())]
@@ -183,13 +199,20 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
         if n != count:
             declared = f"{info.path} declares {count}" if info.channels else f"most cases have {count}"
             raise UserError(f"{case.image}: has {n} channel(s), {declared}; every case needs the same channels")
-    spacing = tuple(float(s) for s in np.median([props["spacing"] for _, props, _ in headers], axis=0))
+    if spacing is None:
+        spacing = np.median([props["spacing"] for _, props, _ in headers], axis=0)
+    spacing = tuple(float(s) for s in spacing)
     if spatial_dims == 2:
         spacing = (None, *spacing[1:])
-    shapes, boxes, found = {}, {}, set()
+    if instances and info.labels is not None and (info.labels.num_classes != 1 or info.labels.regions):
+        raise UserError(f"{info.path}: declares the classes {', '.join(info.labels.names)}; the iterative strategy "
+                        "segments the instances of one class (declare one, e.g. \"1\": \"vertebra\")")
+    shapes, boxes, found, counts = {}, {}, set(), {}
     for case, (shape, props, _) in zip(cases, headers):
         label = ds.read_label(case.label, shape, props)
-        if info.labels is None:
+        if instances:
+            counts[case.case_id] = ds.check_instances(label, case.label)
+        elif info.labels is None:
             found.update(ds.label_values(label, case.label))
         else:
             ds.class_indices(label, case.label, info.labels)
@@ -206,9 +229,11 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
             labels = labels.with_regions(regions)
         except ValueError as e:
             raise UserError(f"--regions: {e}") from None
+    if instances:
+        labels = info.labels or Labels((1,), ("instance",))
     names = info.channels or tuple(f"channel {k}" for k in range(count))
     return Survey(spacing, shapes, boxes, tuple(names), ds.normalization_rules(normalization, count, info.channels),
-                  labels)
+                  labels, counts)
 
 
 def training_item(image: np.ndarray, label: np.ndarray, labels: Labels, distance_spacing=None) -> tuple:
@@ -591,16 +616,17 @@ class IterativeSet(torch.utils.data.Dataset):
     augmented label, the completeness from the whole instance before augmentation. Items:
     (image and memory (C + 1, D, H, W), target (1, D, H, W), weights (1, D, H, W), complete ())."""
 
-    def __init__(self, data: list[tuple[np.ndarray, np.ndarray, np.ndarray]], patch, sampler: EpochSampler,
-                 augment):
+    def __init__(self, data: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None], patch, sampler: EpochSampler,
+                 augment, load=None):
         self.data, self.patch, self.sampler, self.augment = data, tuple(patch), sampler, augment
+        self.load = load  # load(i): case i when data[i] is None (not kept in memory)
 
     def __len__(self):
         return self.sampler.samples
 
     def __getitem__(self, j):
         i, rng = self.sampler.draw(j)
-        image, pads, label = self.data[i]
+        image, pads, label = self.data[i] or self.load(i)
         empty = j % instances.EMPTY_EVERY == instances.EMPTY_EVERY - 1
         start, target, memory = instances.draw(label, self.patch, rng, empty)
         complete = instances.completeness(label, start, self.patch, target)
@@ -647,6 +673,78 @@ def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase 
     config = {"role": "segmenter", "strategy": "patches", "arch": model_arch(model), "patch_size": list(patch),
               "spacing": list(survey.spacing), "loss": settings.loss_criterion, **survey.input_record(),
               "overlap": settings.overlap, "init_from": transfer_record(model, settings, survey.labels, resume)}
+    return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
+
+
+# ----------------------------------------------------------------------------- the iterative strategy
+
+def load_instance_cases(cases: list[ds.Case], survey: Survey, cache_cases: bool | None = None) -> list[tuple | None]:
+    """Decode every case once (validating it) into `(normalised image (C, D, H, W), pad values,
+    instance map)` at the survey's spacing, kept in memory while they stay under the cache
+    limit (`cache_cases` as --cache_cases); past it None, and each sample reads its case again."""
+    cache = cache_cases is not False
+    limit = math.inf if cache_cases else CASE_CACHE_LIMIT
+    out, kept = [], 0
+    for case in tqdm(cases, desc="instance data", unit="case", disable=not sys.stderr.isatty()):
+        data = load_instance_case(case, survey)
+        kept += data[0].nbytes + data[2].nbytes
+        if cache and kept > limit:
+            print(f"the cases exceed {limit / 2**30:.1f} GiB: each sample is read from disk instead "
+                  "(--cache_cases True keeps them)")
+            cache = False
+            out = [None] * len(out)
+        out.append(data if cache else None)
+    return out
+
+
+def load_instance_case(case: ds.Case, survey: Survey) -> tuple:
+    return ds.load_volume(case, survey.spacing, survey.labels, survey.normalization, instances=True)
+
+
+def instance_score(pred: np.ndarray, ref: np.ndarray) -> float:
+    """One number for a search's instance map against the reference: the Dice of the matched
+    pairs (`metrics.match_instances`) summed over every instance of either map, so that a missed
+    or a false instance counts 0; 1 only when each instance is found exactly and nothing else."""
+    pairs = match_instances(pred, ref)
+    total = len(np.unique(pred[pred > 0])) + int(ref.max()) - len(pairs)
+    return sum(d for *_, d in pairs) / total if total else 1.0
+
+
+def train_iterative(model, cases: list[ds.Case], data: dict[str, tuple | None], split, survey: Survey,
+                    settings: IterativeSettings, run_dir: Path, device, resume=None) -> Path:
+    """Train the iterative FCN (`instances.py`'s samples: patch, memory, next instance,
+    completeness) on whole cases; validation runs the search prediction runs
+    (`inference.iterative_instances`) on each validation case and scores its instance map
+    (`instance_score`). `data`: `load_instance_cases` by id (None: read from disk when needed).
+    The validation search stops after twice the most instances a training case holds, so an
+    untrained model's scattered answers cannot make an epoch's validation long."""
+    by_id = {c.case_id: c for c in cases}
+    train_ids, val_ids = split["train"], split["val"]
+    patch = tuple(settings.patch_size)
+    print(f"patch size {patch}")
+
+    def load(i):
+        return data[train_ids[i]] or load_instance_case(by_id[train_ids[i]], survey)
+
+    train_set = IterativeSet([data[i] for i in train_ids], patch,
+                             EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
+                             settings.augment, load)
+    most = max((int(survey.instances.get(i, 0)) for i in train_ids), default=1)
+    max_instances = min(settings.max_instances, 2 * most + 1)
+
+    def validate(net, rank, size):
+        scores = []
+        for i in val_ids[rank::size]:
+            image, pads, label = data[i] or load_instance_case(by_id[i], survey)
+            found, _, _ = inference.iterative_instances(inference.model_segment(net, image, pads, patch, device),
+                                                        label.shape, patch, settings.max_moves, max_instances)
+            scores.append(instance_score(found, label))
+        return scores
+
+    config = {"role": "segmenter", "strategy": "iterative", "arch": model_arch(model), "patch_size": list(patch),
+              "spacing": list(survey.spacing), "loss": settings.loss_criterion, **survey.input_record(),
+              "max_moves": settings.max_moves, "max_instances": settings.max_instances,
+              "complete_fraction": instances.COMPLETE_FRACTION, "init_from": None}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
 
 
@@ -730,7 +828,7 @@ class Loop:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     scaler: torch.amp.GradScaler
-    criterion: SegmentationLoss
+    criterion: SegmentationLoss | IterativeLoss
     schedule: BoundarySchedule | None
     settings: StageSettings
     stage_dir: Path
@@ -746,9 +844,11 @@ def fit(name, model: VNet, train_set, validate, settings: StageSettings, stage_d
         resume: dict | None = None) -> Path:
     """Train `model` for the stage `name`; returns the path of its best checkpoint.
 
-    train_set: items (image, label[, distance_map]), each (1, D, H, W), with an EpochSampler at
-        `train_set.sampler`. validate(model, rank, size) -> per-case validation Dice of the
-        validation cases rank, rank + size, ... (this process's share).
+    train_set: items (image, *targets) with an EpochSampler at `train_set.sampler`; the loss is
+        `settings.criterion()(*model outputs, *targets, weight=...)`: (label[, distance_map])
+        for a V-Net, (target, weights, complete) for the iterative FCN's two outputs.
+        validate(model, rank, size) -> per-case validation scores (Dice) of the validation
+        cases rank, rank + size, ... (this process's share).
     resume: the stage's latest.pt; training goes on from the epoch after it.
     """
     loop = start_loop(name, model, train_set, settings, stage_dir, config, device, resume)
@@ -778,7 +878,9 @@ def start_loop(name, model, train_set, settings: StageSettings, stage_dir: Path,
     rank, size = rank_and_size()
     fmt = inference.memory_format(device)
     model.to(device, memory_format=inference.memory_format(device, model.spatial_dims))
-    if resume is None and config.get("init_from") is None:  # (transferred weights are kept as they are)
+    # Transferred weights are kept as they are; a model with normalisation layers (the iterative
+    # FCN) needs no data-dependent start.
+    if resume is None and config.get("init_from") is None and hasattr(model, "unit_variance_init"):
         # Every process draws the same batch, so all start from the same weights.
         train_set.sampler.set_epoch(1)
         batch = torch.stack([train_set[j][0] for j in range(min(settings.batch_size, len(train_set)))])
@@ -837,14 +939,14 @@ def train_epoch(loop: Loop, epoch: int, weight: float | None) -> float:
         print(f"{loop.name}: the encoder stays fixed up to epoch {settings.freeze_encoder_epochs}")
     losses = []
     try:
-        for image, label, *distance in tqdm(loop.loader, desc=f"{loop.name} {epoch}/{settings.max_epochs}",
-                                            leave=False, disable=not is_main() or not sys.stderr.isatty()):
+        for image, *targets in tqdm(loop.loader, desc=f"{loop.name} {epoch}/{settings.max_epochs}",
+                                    leave=False, disable=not is_main() or not sys.stderr.isatty()):
             image = image.to(device, non_blocking=True, memory_format=fmt)
-            label = label.to(device, non_blocking=True)
-            distance = distance[0].to(device, non_blocking=True) if distance else None
+            targets = [t.to(device, non_blocking=True) for t in targets]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                logits = loop.net(image)
-            loss = loop.criterion(logits.float(), label, distance, 1.0 if weight is None else weight)
+                outputs = loop.net(image)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)  # the iterative FCN has two
+            loss = loop.criterion(*(o.float() for o in outputs), *targets, weight=1.0 if weight is None else weight)
             if not torch.isfinite(loss):
                 raise UserError(f"{loop.name} epoch {epoch}: the loss became {loss.item()}; training stopped, the "
                                 f"last good checkpoint is {loop.stage_dir / 'latest.pt'}; lower --learning_rate "

@@ -75,12 +75,12 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, write)
 
 
-def write_csv(path: str | Path, rows: list[dict]) -> bool:
-    """Write rows of dicts (the first row's keys are the header) as CSV, atomically, unless the
-    file already holds exactly these bytes: a rerun that changes nothing then leaves it
-    untouched, mtime included. True if written."""
+def write_csv(path: str | Path, rows: list[dict], columns=None) -> bool:
+    """Write rows of dicts (the header: `columns`, else the first row's keys) as CSV, atomically,
+    unless the file already holds exactly these bytes: a rerun that changes nothing then leaves
+    it untouched, mtime included. True if written."""
     buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(columns or rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     data = buf.getvalue().encode()

@@ -1,5 +1,6 @@
 """Model architectures. `build_model(arch)` rebuilds a model from the `arch` record that
 every checkpoint carries, so prediction needs no architecture flags."""
+from models.iterative import IterativeFCN
 from models.vnet import VNet
 
 # Keys a record may lack because it was written before they existed; the defaults are what
@@ -9,24 +10,33 @@ ARCH_DEFAULTS = {"attention_module": False, "reduction": 4, "attention_dilation"
 ARCH_KEYS = ("in_channels", "out_channels", "num_layers", "dilation", "base_channels", *ARCH_DEFAULTS)
 
 
+ITERATIVE = "iterative_fcn"  # the iterative strategy's network (models/iterative.py)
+
+
 def build_model(arch: dict):
     """`arch`: {"name": "vnet", "in_channels", "out_channels", "num_layers", "dilation",
     "base_channels", "attention_module", "reduction", "attention_dilation", "spatial_dims",
     "context_slices"}, as written by `model_arch`; the last five may be missing (older
-    checkpoints: no attention, 3D)."""
+    checkpoints: no attention, 3D). Or {"name": "iterative_fcn", "in_channels",
+    "base_channels", "levels"}."""
+    if arch.get("name") == ITERATIVE:
+        return IterativeFCN(**{k: v for k, v in arch.items() if k != "name"})
     if arch.get("name") != "vnet":
         raise ValueError(f"unknown architecture {arch.get('name')!r}")
     full = {**ARCH_DEFAULTS, **arch}
     return VNet(**{k: full[k] for k in ARCH_KEYS})
 
 
-def model_arch(model: VNet) -> dict:
-    return {"name": "vnet", **model.arch}
+def model_arch(model) -> dict:
+    return {"name": ITERATIVE if isinstance(model, IterativeFCN) else "vnet", **model.arch}
 
 
 def describe(arch: dict) -> str:
     """One-line name of an architecture record, e.g. `V-Net`, `V-Net (num_layers=2)`,
-    `V-Net (attention r=4 d=3)`; settings at their reference value are left out."""
+    `V-Net (attention r=4 d=3)`, `iterative FCN (base_channels=4, levels=4)`; settings at
+    their reference value are left out."""
+    if arch.get("name") == ITERATIVE:
+        return f"iterative FCN (base_channels={arch['base_channels']}, levels={arch['levels']})"
     full = {**ARCH_DEFAULTS, **arch}
     parts = []
     if full.get("num_layers", 1) != 1:
@@ -47,4 +57,4 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["VNet", "build_model", "model_arch", "describe", "count_parameters"]
+__all__ = ["VNet", "IterativeFCN", "ITERATIVE", "build_model", "model_arch", "describe", "count_parameters"]

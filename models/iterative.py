@@ -36,6 +36,7 @@ class IterativeFCN(nn.Module):
             raise ValueError(f"in_channels and base_channels must be >= 1 and levels >= 2, got {in_channels}, "
                              f"{base_channels}, {levels}")
         self.arch = dict(in_channels=in_channels, base_channels=base_channels, levels=levels)
+        self.spatial_dims = 3
         c = base_channels
         self.down = nn.ModuleList([ConvBlock(in_channels, c)] + [ConvBlock(c, c) for _ in range(levels - 1)])
         self.up = nn.ModuleList([ConvBlock(2 * c, c) for _ in range(levels - 1)])

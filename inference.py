@@ -561,22 +561,27 @@ def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instance
 
 def model_segment(models, image: np.ndarray, pads, patch, device: torch.device):
     """The `segment(start, memory)` of `iterative_instances` for a model of the iterative
-    strategy (`models.iterative.IterativeFCN`), or several (a fold ensemble: their probabilities
-    averaged), on a normalised `image (C, D, H, W)`: the patch at `start` (padded with `pads`
-    beyond the scan) and the memory patch as one more channel, one forward pass per model, the
-    segmentation thresholded at 0.5 and the completeness probability."""
+    strategy (`models.iterative.IterativeFCN`), or several (a fold ensemble), on a normalised
+    `image (C, D, H, W)`: the patch at `start` (padded with `pads` beyond the scan) and the memory
+    patch as one more channel, with its left-right (W) mirror, the flip training augments with,
+    in one batch of two per model; the probabilities of all are averaged, the segmentation
+    thresholded at 0.5. The mirror comes almost free: on a CPU, PyTorch runs a single thin patch
+    through a slower convolution than a batch of two, which took a third of the time
+    (docs/instances.md)."""
     models = models if isinstance(models, (list, tuple)) else [models]
 
     @torch.no_grad()
     def segment(start, memory):
         x = np.concatenate([ds.crop(image, start, patch, pads), memory[None].astype(np.float32)])
-        x = torch.from_numpy(x[None]).to(device)
+        x = torch.from_numpy(np.stack([x, x[..., ::-1]])).to(device)
         seg, complete = 0.0, 0.0
         for model in models:
             with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=device.type == "cuda"):
                 s, c = model(x)
-            seg, complete = seg + torch.sigmoid(s.float())[0, 0], complete + torch.sigmoid(c.float())[0]
-        return (seg / len(models) >= 0.5).cpu().numpy(), float(complete / len(models))
+            s = torch.sigmoid(s.float())[:, 0]
+            seg = seg + s[0] + s[1].flip(-1)
+            complete = complete + torch.sigmoid(c.float()).sum()
+        return (seg / (2 * len(models)) >= 0.5).cpu().numpy(), float(complete / (2 * len(models)))
     return segment
 
 

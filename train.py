@@ -133,16 +133,17 @@ def parse_args(argv=None, defaults: dict | None = None):
                    help="V-Net input-stage width of both stages (default 8: the reference); the iterative FCN's "
                         f"constant width (default {ITERATIVE_WIDTH}: the paper's); less for CPU demos")
     s = p.add_argument_group("segmenter")
-    s.add_argument("--batch_size", type=int, default=3)
+    s.add_argument("--batch_size", type=int,
+                   help="default: 3 (the reference's); 2 for the iterative strategy (docs/instances.md)")
     s.add_argument("--learning_rate", type=float,
                    help="default: 3e-4 for the two-stage segmenter (the reference's); 1e-3 for the patch strategy "
-                        "(docs/multiclass.md measures both)")
+                        "(docs/multiclass.md measures both); 3e-3 for the iterative one (docs/instances.md)")
     s.add_argument("--loss_criterion", choices=LOSS_NAMES + ITERATIVE_LOSSES,
                    help="default: Dice for the two-stage segmenter of one class (the reference's); DiceCE otherwise: a "
                         "patch or crop that lacks a class saturates a Dice term once the class is predicted in it, "
                         "and the cross-entropy keeps penalising it (nnU-Net's loss). The iterative strategy: "
-                        f"{' or '.join(ITERATIVE_LOSSES)} (default {ITERATIVE_LOSSES[0]}: border-weighted "
-                        "cross-entropy, the paper's), each plus the completeness cross-entropy")
+                        f"{' or '.join(ITERATIVE_LOSSES)} (the paper's border-weighted cross-entropy, alone or "
+                        "with the soft Dice: the default, docs/instances.md), plus the completeness cross-entropy")
     s.add_argument("--patience", type=int, default=7, help="ReduceLROnPlateau patience (epochs)")
     s.add_argument("--reduce", type=float, default=0.8, help="ReduceLROnPlateau factor")
     s.add_argument("--max_epochs", type=int, default=200)
@@ -210,6 +211,8 @@ def check_args(args) -> None:
                         "(whole slices or in-plane patches); drop --strategy or --spatial_dims")
     if args.base_channels is None:
         args.base_channels = ITERATIVE_WIDTH if args.strategy == "iterative" else 8
+    if args.batch_size is None:
+        args.batch_size = 2 if args.strategy == "iterative" else 3
     positive = ["max_epochs", "batch_size", "locator_batch_size", "learning_rate", "locator_learning_rate",
                 "num_layers", "dilation", "base_channels", "save_after_epochs", "samples_per_epoch",
                 "locator_samples_per_epoch", "locator_max_epochs", "reduction", "attention_dilation"]
@@ -534,9 +537,9 @@ def read_survey(args, cases, split: dict, need_foreground: bool = True) -> train
     print(f"{len(cases)} cases ({len(split['train'])} train, {len(split['val'])} validation), spacing {shown} mm")
     reference = args.strategy == "two_stage" and survey.labels.binary  # the left atrium's recipe
     if args.loss_criterion is None:
-        args.loss_criterion = ITERATIVE_LOSSES[0] if iterative else "Dice" if reference else "DiceCE"
+        args.loss_criterion = "WeightedBCEDice" if iterative else "Dice" if reference else "DiceCE"
     if args.learning_rate is None:
-        args.learning_rate = 3e-4 if args.strategy == "two_stage" else 1e-3
+        args.learning_rate = {"two_stage": 3e-4, "patches": 1e-3, "iterative": 3e-3}[args.strategy]
     if args.p_scale is None:  # scans of several sequences vary in contrast per channel (docs/multiclass.md)
         args.p_scale = 0.0 if reference else 0.5
     if args.max_offset is None:

@@ -10,14 +10,16 @@ from torch import nn
 
 
 class ConvBlock(nn.Sequential):
-    """Two 3x3x3 convolutions, each followed by instance normalisation and ReLU. Instance, not
-    batch, normalisation: the seed trains with batches of one patch, where batch statistics are
-    those of a single sample and differ between training and evaluation."""
+    """Two 3x3x3 convolutions, each followed by instance normalisation and a leaky ReLU. Instance,
+    not batch, normalisation: the seed trains with batches of one patch, where batch statistics
+    are those of a single sample and differ between training and evaluation. Leaky (slope 0.01,
+    nnU-Net's), not the paper's ReLU: at the few channels a CPU run affords, every channel of a
+    block went dead within a few epochs and the network returned one constant (docs/instances.md)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(nn.Conv3d(in_ch, out_ch, 3, padding=1), nn.InstanceNorm3d(out_ch, affine=True),
-                         nn.ReLU(inplace=True), nn.Conv3d(out_ch, out_ch, 3, padding=1),
-                         nn.InstanceNorm3d(out_ch, affine=True), nn.ReLU(inplace=True))
+                         nn.LeakyReLU(0.01, inplace=True), nn.Conv3d(out_ch, out_ch, 3, padding=1),
+                         nn.InstanceNorm3d(out_ch, affine=True), nn.LeakyReLU(0.01, inplace=True))
 
 
 class IterativeFCN(nn.Module):

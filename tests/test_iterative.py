@@ -221,6 +221,25 @@ def test_model_segment_gives_the_model_its_patch_and_the_memory():
     assert found[0].completeness == 0.5 and labels[4, 10, 10] == 1 and labels[27, 10, 10] == 2
 
 
+class LeftHalf(torch.nn.Module):
+    """Certain of the patch's left half (W below the middle) whatever it shows, 0.8 complete on
+    the original and 0.2 on anything else."""
+
+    def forward(self, x):
+        w = x.shape[-1]
+        seg = torch.full((x.shape[0], 1, *x.shape[2:]), -50.0)
+        seg[..., : w // 2] = 50.0
+        return seg, torch.logit(torch.tensor([0.8] + [0.2] * (x.shape[0] - 1)))
+
+
+def test_model_segment_averages_each_patch_with_its_mirror():
+    image = np.zeros((1, 16, 16, 16), np.float32)
+    segment = inference.model_segment(LeftHalf(), image, np.zeros(1, np.float32), (16, 16, 16), torch.device("cpu"))
+    mask, complete = segment((0, 0, 0), np.zeros((16, 16, 16), np.float32))
+    assert mask.all()  # left half from the patch, right half from its mirror flipped back: 0.5 each, kept
+    assert complete == pytest.approx(0.5)
+
+
 # ----------------------------------------------------------------------------- the loss
 
 def test_iterative_loss_by_hand():

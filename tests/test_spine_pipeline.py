@@ -57,7 +57,7 @@ def test_train_records_the_strategy_and_rebuilds_the_model(spine):
     config = ckpt["config"]
     assert config["strategy"] == "iterative" and config["patch_size"] == [32, 32, 32]
     assert config["arch"] == {"name": "iterative_fcn", "in_channels": 2, "base_channels": 2, "levels": 4}
-    assert config["normalization"] == ["ct"] and config["loss"] == "WeightedBCE"
+    assert config["normalization"] == ["ct"] and config["loss"] == "WeightedBCEDice"
     model = build_model(config["arch"])
     assert isinstance(model, IterativeFCN) and model_arch(model) == config["arch"]
     model.load_state_dict(ckpt["model"])

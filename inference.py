@@ -21,6 +21,7 @@ import torch
 from scipy import ndimage
 
 import dataset as ds
+import instances
 import labels as lbl
 from labels import Labels
 from models import build_model
@@ -441,11 +442,11 @@ def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool
 def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
                   average: str = "probabilities", flags=("--locator_path", "--segmenter_path"),
                   overlap: float | None = None, batch_size: int = 4, default_locators=(), max_moves: int | None = None,
-                  max_instances: int | None = None) -> TwoStage | Patches | Iterative:
+                  max_instances: int | None = None, min_volume: float | None = None) -> TwoStage | Patches | Iterative:
     """The strategy the segmenter checkpoints record, with its models: the patch and iterative
     strategies need no locator (giving one is an error), the two-stage one both
     (`default_locators` when none is given). `max_moves`, `max_instances`: the iterative
-    search's bounds (None: the checkpoint's)."""
+    search's bounds and smallest instance in ml (None: the checkpoint's)."""
     ckpts = [(p, load_checkpoint(p, "segmenter", flags[1])) for p in _as_paths(segmenter_paths)]
     if not ckpts:
         raise UserError(f"{flags[1]}: no checkpoint given")
@@ -459,7 +460,7 @@ def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: boo
     if strategies == {"patches"}:
         return load_patches(ckpts, device, tta, overlap, batch_size, flags[1])
     if strategies == {"iterative"}:
-        return load_iterative(ckpts, device, max_moves, max_instances, flags[1])
+        return load_iterative(ckpts, device, max_moves, max_instances, min_volume, flags[1])
     return load_two_stage(locator_paths or default_locators, segmenter_paths, device, tta, average, flags, ckpts)
 
 
@@ -500,11 +501,15 @@ def search_starts(shape, patch, overlap: float = 0.5) -> list[tuple[int, int, in
 
 
 def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instances: int = 100,
-                        overlap: float = 0.5) -> tuple[np.ndarray, list[Found], int]:
+                        overlap: float = 0.5, min_voxels: int = 1) -> tuple[np.ndarray, list[Found], int]:
     """Find instances one at a time (Lessmann et al., MIDL 2018): `segment(start, memory)` is the
     model on the patch at `start` (its memory input is `memory`, the patch of the instances found
     so far, 0/1) and returns `(mask, completeness)`: the next instance's voxels in the patch (bool)
-    and the probability that it lies wholly inside the patch.
+    and the probability that it lies wholly inside the patch. Of an answer, the voxels not yet in
+    memory count, and of those only the largest 26-connected piece: an instance is one piece, and
+    a stray island would pull the patch off it and come back later as an instance of its own. An
+    answer of fewer than `min_voxels` voxels counts as none (the fragments a partly trained
+    model leaves at the borders of instances already found).
 
     The search walks `search_starts` from the volume's first D end. Where the model answers with
     voxels not yet in memory, the patch follows that instance: it is centred on the answer's
@@ -527,13 +532,15 @@ def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instance
         nonlocal evaluations
         evaluations += 1
         mask, completeness = segment(start, (ds.crop(labels, start, patch, 0) > 0).astype(np.float32))
-        return np.asarray(mask, bool) & (ds.crop(labels, start, patch, 1) == 0), float(completeness)
+        mask = np.asarray(mask, bool) & (ds.crop(labels, start, patch, 1) == 0)
+        mask = ds.largest_component(mask, connectivity=3)
+        return (mask if np.count_nonzero(mask) >= min_voxels else None), float(completeness)
 
     starts, i = search_starts(shape, patch, overlap), 0
     while i < len(starts) and len(found) < max_instances:
         start = starts[i]
         mask, completeness = evaluate(start)
-        if not mask.any():
+        if mask is None:
             i += 1
             continue
         seen, moves, oscillated = [start], 0, False
@@ -548,7 +555,7 @@ def iterative_instances(segment, shape, patch, max_moves: int = 20, max_instance
                 nxt = tuple(int(round(np.mean([c[a] for c in cycle]))) for a in range(3))
                 oscillated = True
             new_mask, new_completeness = evaluate(nxt)
-            if not new_mask.any():  # the instance left the model's view: keep the last answer
+            if new_mask is None:  # the instance left the model's view: keep the last answer
                 break
             start, mask, completeness = nxt, new_mask, new_completeness
             seen.append(start)
@@ -599,18 +606,21 @@ class Iterative:
     device: torch.device
     max_moves: int = 20
     max_instances: int = 100
+    min_volume: float = 1.0              # ml: a smaller answer counts as none (iterative_instances)
 
 
 def load_iterative(ckpts: list[tuple[Path, dict]], device: torch.device, max_moves: int | None = None,
-                   max_instances: int | None = None, flag: str = "--segmenter_path") -> Iterative:
+                   max_instances: int | None = None, min_volume: float | None = None,
+                   flag: str = "--segmenter_path") -> Iterative:
     """The iterative strategy's models of checkpoints that agree on their input; the search's
-    bounds as given, else as the checkpoint records them."""
+    bounds and smallest instance as given, else as the checkpoint records them."""
     _agree_segmenters(ckpts, flag)
     config = ckpts[0][1]["config"]
     return Iterative([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]),
                      tuple(config["spacing"]), tuple(config["channels"]), tuple(config["normalization"]),
                      Labels.from_record(config["labels"]), device,
-                     max_moves or config.get("max_moves", 20), max_instances or config.get("max_instances", 100))
+                     max_moves or config.get("max_moves", 20), max_instances or config.get("max_instances", 100),
+                     config.get("min_volume_ml", 1.0) if min_volume is None else min_volume)
 
 
 def predict_iterative(pipe: Iterative, image: np.ndarray, props: dict,
@@ -627,7 +637,8 @@ def predict_iterative(pipe: Iterative, image: np.ndarray, props: dict,
     pads = ds.normalise(work, pipe.normalization)
     segment = model_segment(pipe.models, work, pads, pipe.patch_size, pipe.device)
     labels, found, evaluations = iterative_instances(segment, work.shape[1:], pipe.patch_size, pipe.max_moves,
-                                                     pipe.max_instances)
+                                                     pipe.max_instances,
+                                                     min_voxels=instances.min_voxels(pipe.min_volume, pipe.spacing))
     del work
     dtype = np.uint8 if len(found) <= 255 else np.uint16
     if resampled:

@@ -17,6 +17,15 @@ import dataset as ds
 COMPLETE_FRACTION = 0.98  # of an instance's voxels inside the patch for it to count as complete (the paper's)
 BORDER_WEIGHT, BORDER_SIGMA2 = 8.0, 36.0  # weights 1 + 8 exp(-d^2 / 36), d in voxels (the paper's)
 EMPTY_EVERY = 5  # every 5th sample has no target (the paper's)
+# The search's smallest instance, ml: below any whole vertebra (about 2 ml for the smallest
+# cervical one, 4 in the phantoms) and above the border fragments a partly trained model leaves
+# (at most 0.74 ml in docs/instances.md's runs). predict.py --min_volume overrides it.
+MIN_VOLUME_ML = 1.0
+
+
+def min_voxels(volume_ml: float, spacing) -> int:
+    """The voxels of `volume_ml` at `spacing` (mm), at least 1."""
+    return max(1, int(np.ceil(volume_ml * 1000.0 / float(np.prod(spacing)))))
 
 
 @dataclass

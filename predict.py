@@ -89,6 +89,9 @@ def parse_args(argv=None):
                                                  "it is taken where it is (default: the checkpoint's, 20)")
     m.add_argument("--max_instances", type=int, help="iterative strategy: the search stops after this many "
                                                      "instances (default: the checkpoint's, 100)")
+    m.add_argument("--min_volume", type=float, metavar="ML",
+                   help="iterative strategy: an answer of the network smaller than this (ml) is no instance "
+                        "(default: the checkpoint's, 1.0; 0 keeps every answer)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     return p.parse_args(argv)
 
@@ -189,7 +192,8 @@ def check_strategy_flags(args, pipe, checkpoint: Path) -> None:
                  if on]
         why = "the iterative strategy writes an instance map, found patch by patch"
     else:
-        given = [f for f, on in (("--max_moves", args.max_moves), ("--max_instances", args.max_instances)) if on]
+        given = [f for f, on in (("--max_moves", args.max_moves), ("--max_instances", args.max_instances),
+                                 ("--min_volume", args.min_volume is not None)) if on]
         why = "they bound the iterative strategy's search"
     if given:
         raise UserError(f"{given[0]}: {checkpoint} was trained with --strategy "
@@ -207,11 +211,13 @@ def main(argv=None):
     for flag in ("max_moves", "max_instances"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.min_volume is not None and not args.min_volume >= 0:
+        raise UserError(f"--min_volume {args.min_volume}: must be 0 or more (ml)")
     inference.set_cpu_threads()
     pipe = inference.load_pipeline(locators, segmenters, inference.resolve_device(args.device), tta=args.tta,
                                    flags=flags, overlap=args.overlap, batch_size=args.batch_size,
                                    default_locators=[Path("runs/demo/locator/best.pt")], max_moves=args.max_moves,
-                                   max_instances=args.max_instances)
+                                   max_instances=args.max_instances, min_volume=args.min_volume)
     check_strategy_flags(args, pipe, segmenters[0])
     regions = ()
     if args.regions:

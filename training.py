@@ -731,19 +731,22 @@ def train_iterative(model, cases: list[ds.Case], data: dict[str, tuple | None], 
                              settings.augment, load)
     most = max((int(survey.instances.get(i, 0)) for i in train_ids), default=1)
     max_instances = min(settings.max_instances, 2 * most + 1)
+    smallest = instances.min_voxels(instances.MIN_VOLUME_ML, survey.spacing)
 
     def validate(net, rank, size):
         scores = []
         for i in val_ids[rank::size]:
             image, pads, label = data[i] or load_instance_case(by_id[i], survey)
             found, _, _ = inference.iterative_instances(inference.model_segment(net, image, pads, patch, device),
-                                                        label.shape, patch, settings.max_moves, max_instances)
+                                                        label.shape, patch, settings.max_moves, max_instances,
+                                                        min_voxels=smallest)
             scores.append(instance_score(found, label))
         return scores
 
     config = {"role": "segmenter", "strategy": "iterative", "arch": model_arch(model), "patch_size": list(patch),
               "spacing": list(survey.spacing), "loss": settings.loss_criterion, **survey.input_record(),
               "max_moves": settings.max_moves, "max_instances": settings.max_instances,
+              "min_volume_ml": instances.MIN_VOLUME_ML,
               "complete_fraction": instances.COMPLETE_FRACTION, "init_from": None}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
 

@@ -123,6 +123,31 @@ def test_search_settles_a_model_that_oscillates_and_terminates():
     assert set(np.unique(labels)) <= {0, 1, 2, 3} and (labels == 1).sum() == 4 * 4 * 4
 
 
+def test_search_keeps_one_piece_per_answer_and_ignores_answers_below_the_smallest_instance():
+    """A model that answers an instance plus a stray island, and a 2-voxel fragment: the island
+    is never an instance, nor is the fragment with min_voxels 3; with 1 it is."""
+    shape, patch = (32, 16, 16), (16, 16, 16)
+    reference = np.zeros(shape, np.int32)
+    reference[4:10, 4:10, 4:10] = 1
+    island = (slice(12, 13), slice(1, 2), slice(1, 2))
+    fragment = (slice(28, 29), slice(8, 10), slice(8, 9))
+
+    def segment(start, memory):
+        full = reference > 0
+        full[island] = full[fragment] = True
+        return ds.crop(full, start, patch, 0).astype(bool) & (memory == 0), 0.9
+    labels, found, _ = inference.iterative_instances(segment, shape, patch, min_voxels=3)
+    assert len(found) == 1 and np.array_equal(labels, reference)
+    labels, found, _ = inference.iterative_instances(segment, shape, patch, min_voxels=1)
+    assert len(found) == 3 and (labels == 1).sum() == 216 and labels[island] == 2 and (labels[fragment] == 3).all()
+
+
+def test_the_smallest_instance_in_voxels_follows_the_spacing():
+    assert instances.min_voxels(1.0, (1.0, 1.0, 1.0)) == 1000
+    assert instances.min_voxels(1.0, (2.0, 1.0, 1.0)) == 500
+    assert instances.min_voxels(0.0, (1.0, 1.0, 1.0)) == 1
+
+
 def test_search_bounds_are_checked():
     with pytest.raises(ValueError, match="max_moves"):
         inference.iterative_instances(lambda s, m: (np.zeros((4, 4, 4), bool), 0.0), (8, 8, 8), (4, 4, 4), max_moves=0)

@@ -164,11 +164,13 @@ def test_a_scan_smaller_than_the_patch_is_padded_and_said(spine, tmp_path):
     assert ds.read_image(tmp_path / "out" / "spine_000.nrrd")[0].shape == (40, 32, 32)
 
 
-@pytest.mark.parametrize("flag", ["--max_moves", "--max_instances"])
-def test_search_bounds_below_one_are_refused(spine, tmp_path, flag):
+@pytest.mark.parametrize("flag, value, match", [("--max_moves", "0", "--max_moves 0: must be at least 1"),
+                                               ("--max_instances", "0", "--max_instances 0: must be at least 1"),
+                                               ("--min_volume", "-1", "--min_volume -1.0: must be 0 or more")])
+def test_search_bounds_out_of_range_are_refused(spine, tmp_path, flag, value, match):
     root, _ = spine
     refused(predict.main, "--data_dir", root / "test", "--output_dir", tmp_path / "out", "--segmenter_path",
-            root / "run" / "segmenter" / "best.pt", flag, "0", match=f"{flag} 0: must be at least 1")
+            root / "run" / "segmenter" / "best.pt", flag, value, match=match)
     assert not (tmp_path / "out").exists()
 
 
@@ -190,8 +192,9 @@ def test_flags_of_another_strategy_are_refused(spine, tmp_path):
                          (["--locator_path", iterative], "needs no locator")):
         refused(predict.main, "--data_dir", root / "test", "--output_dir", out, "--segmenter_path", iterative,
                 *extra, match=match)
-    refused(predict.main, "--data_dir", root / "test", "--output_dir", out, "--segmenter_path", tiny_patch_run,
-            "--max_moves", "5", match="--max_moves: ")
+    for flag, value in (("--max_moves", "5"), ("--min_volume", "2")):
+        refused(predict.main, "--data_dir", root / "test", "--output_dir", out, "--segmenter_path", tiny_patch_run,
+                flag, value, match=f"{flag}: ")
     assert not out.exists()
 
 

@@ -262,7 +262,8 @@ def cardiac_evaluation(pred_dir: Path, data_dir, labels: dict[str, int], overwri
 
 
 # evaluate.py --instances's tables, each recognised as ours by its header.
-INSTANCE_COLUMNS = ("case_id", "ref_id", "pred_id", "dice", "hd95", "assd", "centroid_mm", "detected", "identified")
+INSTANCE_COLUMNS = ("case_id", "ref_id", "pred_id", "dice", "hd95", "assd", "centroid_mm", "detected", "identified",
+                    "complete")
 INSTANCE_CSV = {"csv_start": b"case_id,ref_id,"}
 INSTANCE_SUMMARY_CSV = {"csv_start": b"case_id,ref_instances,"}
 
@@ -311,7 +312,9 @@ def instance_evaluation(pred_dir: Path, data_dir, csv_path: Path, overwrite: boo
     summaries = [s for _, s in scored]
     print(format_instance_table(summaries))
     n_ref = sum(s["ref_instances"] for s in summaries)
-    print(f"pooled over {n_ref} reference instance(s): detected {sum(s['detected'] for s in summaries)}, "
+    complete = sum(r["complete"] for r in rows)
+    print(f"pooled over {n_ref} reference instance(s): detected {sum(s['detected'] for s in summaries)} "
+          f"({sum(r['complete'] and r['detected'] for r in rows)} of the {complete} complete ones), "
           f"identified {sum(s['identified'] for s in summaries)}, "
           f"false instances {sum(s['false_instances'] for s in summaries)}")
     print(f"rules: {INSTANCE_RULE} (radius {CENTROID_MM:g} mm)")

@@ -339,7 +339,8 @@ CENTROID_MM = 20.0  # VerSe's identification radius
 INSTANCE_RULE = (
     "instances paired one-to-one maximising total Dice (Hungarian; only pairs that overlap); detected: "
     f"matched with Dice > {DETECTION_DICE}; false instance: a prediction not matched with Dice > {DETECTION_DICE}; "
-    "identified: matched and centroids within the radius in mm (VerSe); a missed reference or a false "
+    "identified: matched and centroids within the radius in mm (VerSe); complete: a reference instance "
+    "that does not reach a face of the volume; a missed reference or a false "
     "instance scores Dice 0 and the volume's diagonal as distance; rates with no reference instance are 1 "
     "when nothing was predicted either, else 0")
 
@@ -454,11 +455,14 @@ def instance_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing,
       `ref_id` (0 for a false instance), `pred_id` (0 for a missed one), `dice`, `hd95` and
       `assd` (mm) of the pair as `compute_metrics` scores the two isolated masks, `centroid_mm`
       (distance between the instances' centroids, voxel indices scaled by the spacing),
-      `detected` (Dice > 0.5) and `identified` (matched, centroids within `centroid_mm`). A
-      missed or false instance scores Dice 0 and `worst_distance` for every distance.
+      `detected` (Dice > 0.5) and `identified` (matched, centroids within `centroid_mm`), and
+      `complete` for a reference instance that does not reach a face of the volume (one the
+      field of view cuts off is incomplete; 0 for a false instance). A missed or false instance
+      scores Dice 0 and `worst_distance` for every distance.
     - summary: `ref_instances`, `pred_instances`, `matched`, `detected`, `detection_rate`
-      (detected / reference instances), `false_instances` (predicted instances not matched
-      with Dice > 0.5), `identified`, `identification_rate`, and `dice`, `hd95` and `assd`
+      (detected / reference instances), `complete_instances` and `complete_detection_rate`
+      (the same over the complete reference instances), `false_instances` (predicted instances
+      not matched with Dice > 0.5), `identified`, `identification_rate`, and `dice`, `hd95` and `assd`
       averaged over the reference instances (a missed one counted as above). With no reference
       instance the rates and Dice are 1 and the distances 0 when nothing is predicted either,
       else 0 and the diagonal, the module's empty-mask policy.
@@ -484,9 +488,11 @@ def instance_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing,
         gap = float(np.linalg.norm((c_p[i] - c_r[j]) * s))
         by_ref[j] = {"pred_id": int(inst.pred_ids[i]), **{k: m[k] for k in INSTANCE_KEYS}, "centroid_mm": gap,
                      "detected": m["dice"] > DETECTION_DICE, "identified": gap <= centroid_mm}
-    rows = [{"ref_id": j + 1, **by_ref.get(j, {"pred_id": 0, **missed})} for j in range(inst.num_ref)]
+    whole = [bool(np.all(lo_r[j] > 0) and np.all(hi_r[j] < np.asarray(shape))) for j in range(inst.num_ref)]
+    rows = [{"ref_id": j + 1, **by_ref.get(j, {"pred_id": 0, **missed}), "complete": whole[j]}
+            for j in range(inst.num_ref)]
     paired = {i for i, _ in pairs}
-    rows += [{"ref_id": 0, "pred_id": int(inst.pred_ids[i]), **missed}
+    rows += [{"ref_id": 0, "pred_id": int(inst.pred_ids[i]), **missed, "complete": False}
              for i in range(inst.num_pred) if i not in paired]
 
     n_ref, n_pred = inst.num_ref, inst.num_pred
@@ -497,14 +503,18 @@ def instance_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing,
         means = {k: float(np.mean([r[k] for r in ref_rows])) for k in INSTANCE_KEYS}
     else:
         means = {"dice": 0.0, "hd95": worst, "assd": worst} if n_pred else {"dice": 1.0, "hd95": 0.0, "assd": 0.0}
+    n_whole = sum(whole)
+    whole_detected = sum(r["detected"] for r in ref_rows if r["complete"])
     summary = {"ref_instances": n_ref, "pred_instances": n_pred, "matched": len(pairs), "detected": detected,
-               "detection_rate": _ratio(detected, n_ref, n_pred == 0), "false_instances": n_pred - detected,
+               "detection_rate": _ratio(detected, n_ref, n_pred == 0), "complete_instances": n_whole,
+               "complete_detection_rate": _ratio(whole_detected, n_whole, n_pred == detected),
+               "false_instances": n_pred - detected,
                "identified": identified, "identification_rate": _ratio(identified, n_ref, n_pred == 0), **means}
     return rows, summary
 
 
-INSTANCE_TABLE_KEYS = ("ref_instances", "pred_instances", "detection_rate", "false_instances",
-                       "identification_rate", "dice", "hd95", "assd")
+INSTANCE_TABLE_KEYS = ("ref_instances", "pred_instances", "detection_rate", "complete_detection_rate",
+                       "false_instances", "identification_rate", "dice", "hd95", "assd")
 _COUNT_KEYS = ("ref_instances", "pred_instances", "false_instances")
 
 

@@ -41,10 +41,20 @@ def test_instance_metrics_rates_of_the_hand_built_case():
     assert rows[2]["centroid_mm"] == pytest.approx(4.0)  # two slices of 2 mm
     assert rows[3]["dice"] == 0.0 and rows[3]["hd95"] == rows[4]["assd"] == pytest.approx(worst)
     assert summary == {"ref_instances": 4, "pred_instances": 4, "matched": 3, "detected": 3, "detection_rate": 0.75,
-                       "false_instances": 1, "identified": 3, "identification_rate": 0.75,
+                       "complete_instances": 4, "complete_detection_rate": 0.75, "false_instances": 1,
+                       "identified": 3, "identification_rate": 0.75,
                        "dice": pytest.approx((1 + 1 + 2 / 3 + 0) / 4),
                        "hd95": pytest.approx(rows[2]["hd95"] / 4 + worst / 4),
                        "assd": pytest.approx(rows[2]["assd"] / 4 + worst / 4)}
+
+
+def test_an_instance_cut_by_the_field_of_view_is_left_out_of_the_complete_rate():
+    pred, ref = four_vertebrae()
+    ref, pred = ref[4:], pred[4:]  # the first box now starts at slice 0: the field of view cuts it
+    rows, summary = instance_metrics(pred, ref, spacing=SPACING)
+    assert [r["complete"] for r in rows] == [False, True, True, True, False]
+    assert summary["complete_instances"] == 3 and summary["complete_detection_rate"] == pytest.approx(2 / 3)
+    assert summary["detection_rate"] == 0.75
 
 
 def test_dice_of_exactly_one_half_is_not_a_detection():
@@ -123,7 +133,7 @@ def test_no_reference_instance_follows_the_empty_mask_policy():
     rows, invented = instance_metrics(pred, empty, spacing=(1.0, 1.0, 1.0))
     assert rows == [{"ref_id": 0, "pred_id": 1, "dice": 0.0, "hd95": pytest.approx(np.sqrt(48)),
                      "assd": pytest.approx(np.sqrt(48)), "centroid_mm": pytest.approx(np.sqrt(48)),
-                     "detected": False, "identified": False}]
+                     "detected": False, "identified": False, "complete": False}]
     assert (invented["detection_rate"], invented["false_instances"], invented["dice"]) == (0.0, 1, 0.0)
 
 
@@ -173,7 +183,7 @@ def test_evaluate_instances_prints_the_table_and_writes_both_csvs(tmp_path):
     run = instances("--pred_dir", out, "--data_dir", data)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "mean +- std" in run.stdout and "detection_rate" in run.stdout and "in mm" in run.stdout
-    assert "detected 7, identified 7, false instances 1" in run.stdout
+    assert "detected 7 (7 of the 8 complete ones), identified 7, false instances 1" in run.stdout
     rows = list(csv.DictReader(open(out / "instances.csv")))
     assert list(rows[0]) == list(evaluate.INSTANCE_COLUMNS)
     assert [(r["case_id"], r["ref_id"], r["pred_id"]) for r in rows] == [

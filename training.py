@@ -563,15 +563,22 @@ def load_volume_case(case: ds.Case, survey: Survey, settings: PatchSettings, pat
 
 def load_volume_cases(cases: list[ds.Case], survey: Survey, settings: PatchSettings,
                       patch) -> list[VolumeCase | None]:
-    """Decode every case once (validating it) and keep it in memory while the kept cases stay
-    under the cache limit (`settings.cache_cases`); past it, a case is read again for each
-    sample, so memory stays flat in the number of cases."""
-    cache = settings.cache_cases is not False
-    limit = math.inf if settings.cache_cases else CASE_CACHE_LIMIT
+    """Decode every case once (validating it), kept in memory as `load_cached` keeps them."""
+    return load_cached(cases, lambda case: load_volume_case(case, survey, settings, patch), lambda d: d.nbytes,
+                       settings.cache_cases, "patch data")
+
+
+def load_cached(cases: list[ds.Case], load, nbytes, cache_cases: bool | None, desc: str) -> list:
+    """`load(case)` of every case (which validates it), kept in memory while the kept cases'
+    `nbytes(data)` stay under the cache limit (`cache_cases` as --cache_cases: True always,
+    False never); past it every entry is None, and each sample reads its case again, so
+    memory stays flat in the number of cases."""
+    cache = cache_cases is not False
+    limit = math.inf if cache_cases else CASE_CACHE_LIMIT
     out, kept = [], 0
-    for case in tqdm(cases, desc="patch data", unit="case", disable=not sys.stderr.isatty()):
-        data = load_volume_case(case, survey, settings, patch)
-        kept += data.nbytes
+    for case in tqdm(cases, desc=desc, unit="case", disable=not sys.stderr.isatty()):
+        data = load(case)
+        kept += nbytes(data)
         if cache and kept > limit:
             print(f"the cases exceed {limit / 2**30:.1f} GiB: each sample is read from disk instead "
                   "(--cache_cases True keeps them)")
@@ -680,21 +687,9 @@ def train_patches(model: VNet, cases: list[ds.Case], data: dict[str, VolumeCase 
 
 def load_instance_cases(cases: list[ds.Case], survey: Survey, cache_cases: bool | None = None) -> list[tuple | None]:
     """Decode every case once (validating it) into `(normalised image (C, D, H, W), pad values,
-    instance map)` at the survey's spacing, kept in memory while they stay under the cache
-    limit (`cache_cases` as --cache_cases); past it None, and each sample reads its case again."""
-    cache = cache_cases is not False
-    limit = math.inf if cache_cases else CASE_CACHE_LIMIT
-    out, kept = [], 0
-    for case in tqdm(cases, desc="instance data", unit="case", disable=not sys.stderr.isatty()):
-        data = load_instance_case(case, survey)
-        kept += data[0].nbytes + data[2].nbytes
-        if cache and kept > limit:
-            print(f"the cases exceed {limit / 2**30:.1f} GiB: each sample is read from disk instead "
-                  "(--cache_cases True keeps them)")
-            cache = False
-            out = [None] * len(out)
-        out.append(data if cache else None)
-    return out
+    instance map)` at the survey's spacing, kept in memory as `load_cached` keeps them."""
+    return load_cached(cases, lambda case: load_instance_case(case, survey), lambda d: d[0].nbytes + d[2].nbytes,
+                       cache_cases, "instance data")
 
 
 def load_instance_case(case: ds.Case, survey: Survey) -> tuple:

@@ -225,3 +225,25 @@ def test_spacing_resamples_the_training_data(spine, tmp_path):
     assert "spacing (1.5, 1.5, 1.5) mm" in run.stdout
     config = inference.load_checkpoint(tmp_path / "run" / "segmenter" / "best.pt")["config"]
     assert config["spacing"] == [1.5, 1.5, 1.5]
+
+
+def test_cases_past_the_cache_limit_are_read_again_per_sample(spine, monkeypatch, capsys):
+    root, _ = spine
+    cases = ds.find_cases(root / "data", require_labels=True)
+    survey = training.read_survey(cases, [c.case_id for c in cases], ds.read_dataset_json(root / "data"),
+                                  need_foreground=False, instances=True)
+    kept = training.load_instance_cases(cases, survey)
+    monkeypatch.setattr(training, "CASE_CACHE_LIMIT", 1)
+    assert training.load_instance_cases(cases, survey) == [None] * len(cases)
+    assert "each sample is read from disk" in capsys.readouterr().out
+    assert all(training.load_instance_cases(cases, survey, cache_cases=True))  # --cache_cases True keeps them
+
+    def make(data):
+        return training.IterativeSet(data, (32, 32, 32), training.EpochSampler(len(cases), 4, 0),
+                                     lambda a, b, r: (a, b),
+                                     lambda i: training.load_instance_case(cases[i], survey))
+    from_memory, from_disk = make(kept), make([None] * len(cases))
+    from_memory.sampler.set_epoch(1)
+    from_disk.sampler.set_epoch(1)
+    for j in range(4):
+        assert all(torch.equal(a, b) for a, b in zip(from_memory[j], from_disk[j]))

@@ -3,6 +3,7 @@
 #   make test   the lint check and the test suite (what CI runs)
 #   make demo-tumour   brain-tumour phantoms (4 channels, 3 classes) -> patch strategy -> per-class metrics
 #   make demo-cine     cine phantoms (ACDC layout) -> 2D V-Net on slices -> masks -> Dice and cardiac function
+#   make demo-spine    CT spine phantoms -> iterative FCN -> one vertebra at a time -> instance metrics
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,9 +13,11 @@ TUMOUR_RUN := runs/demo_tumour
 TUMOUR_DATA := data/brain_tumour data/brain_tumour_test
 CINE_RUN := runs/demo_cine
 CINE_DATA := data/cine data/cine_test
+SPINE_RUN := runs/demo_spine
+SPINE_DATA := data/spine data/spine_test
 REGIONS := whole_tumour=1,2,3 tumour_core=2,3 enhancing=3
 
-.PHONY: demo demo-tumour demo-cine test lint setup clean
+.PHONY: demo demo-tumour demo-cine demo-spine test lint setup clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +54,15 @@ demo-cine: setup
 		--segmenter_path $(CINE_RUN)/segmenter/best.pt --output_format nii.gz
 	$(PY) evaluate.py --cardiac --pred_dir $(CINE_RUN)/predictions --data_dir data/cine_test --overwrite
 
+demo-spine: setup
+	$(PY) phantoms.py --kind spine --out_dir data/spine --num_cases 30 --seed 0 --overwrite
+	$(PY) phantoms.py --kind spine --out_dir data/spine_test --num_cases 10 --seed 1000 --overwrite
+	$(PY) train.py --data_dir data/spine --output_dir $(SPINE_RUN) --overwrite --device cpu --strategy iterative \
+		--patch_size 48 64 64 --base_channels 4 --max_epochs 30 --samples_per_epoch 64
+	$(PY) predict.py --data_dir data/spine_test --output_dir $(SPINE_RUN)/predictions --overwrite --device cpu \
+		--segmenter_path $(SPINE_RUN)/segmenter/best.pt
+	$(PY) evaluate.py --instances --pred_dir $(SPINE_RUN)/predictions --data_dir data/spine_test
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -59,4 +71,4 @@ test: lint
 
 # What `make demo` and the set-up wrote, nothing else (your own data under data/ stays).
 clean:
-	rm -rf $(VENV) $(DEMO_DATA) $(RUN) $(TUMOUR_DATA) $(TUMOUR_RUN) $(CINE_DATA) $(CINE_RUN)
+	rm -rf $(VENV) $(DEMO_DATA) $(RUN) $(TUMOUR_DATA) $(TUMOUR_RUN) $(CINE_DATA) $(CINE_RUN) $(SPINE_DATA) $(SPINE_RUN)

@@ -62,6 +62,7 @@ from metrics import (
     CENTROID_MM,
     EMPTY_MASK_RULE,
     INSTANCE_RULE,
+    INSTANCE_TABLE_KEYS,
     METRIC_KEYS,
     STRUCTURE,
     describe_cases,
@@ -131,14 +132,17 @@ def dataset_labels(data_dir, cases: list[ds.Case]) -> Labels:
 
 def fold_rows(run_dir: Path, k: int, val_ids: list[str]) -> tuple[list[dict], str | None]:
     """The validation metrics of fold `k`, or why there are none (a missing fold, or one whose
-    metrics lack some of its validation cases)."""
+    metrics lack some of its validation cases): METRIC_KEYS per case (and structure), or the
+    instance metrics' INSTANCE_TABLE_KEYS per case for the iterative strategy."""
     path = run_dir / f"fold_{k}" / "validation" / "metrics.csv"
     if not path.is_file():
         return [], f"fold {k} is unfinished (no {path})"
     try:
         with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = INSTANCE_TABLE_KEYS if "detection_rate" in (reader.fieldnames or ()) else METRIC_KEYS
             rows = [{"case_id": r["case_id"], "fold": k, **({STRUCTURE: r[STRUCTURE]} if STRUCTURE in r else {}),
-                     **{m: float(r[m]) for m in METRIC_KEYS}} for r in csv.DictReader(f)]
+                     **{m: float(r[m]) for m in keys}} for r in reader]
     except (OSError, KeyError, ValueError, TypeError, csv.Error, UnicodeDecodeError):
         return [], f"fold {k}: {path} is not a metrics table of predict.py; retrain the fold"
     wanted = set(val_ids)
@@ -167,23 +171,27 @@ def crossval(run_dir: Path, partial: bool) -> None:
     if not rows:
         raise UserError(f"--crossval {run_dir}: no fold is finished yet")
     done = sorted({r["fold"] for r in rows})
+    keys = INSTANCE_TABLE_KEYS if "detection_rate" in rows[0] else METRIC_KEYS
+    if len({"detection_rate" in r for r in rows}) > 1:
+        raise UserError(f"--crossval {run_dir}: some folds hold instance metrics, others not; retrain the folds "
+                        "with one strategy")
     if STRUCTURE in rows[0]:  # several classes: each fold and the pool described per class and region
         folds_of = {str(k): describe_structures([r for r in rows if r["fold"] == k]) for k in done}
         pooled = describe_structures(rows)
         table = [(f"fold {k} {name}", d) for k, by in folds_of.items() for name, d in by.items()]
         table += [(f"pooled {name}", d) for name, d in pooled.items()]
     else:
-        folds_of = {str(k): describe_cases([r for r in rows if r["fold"] == k]) for k in done}
-        pooled = describe_cases(rows)
+        folds_of = {str(k): describe_cases([r for r in rows if r["fold"] == k], keys) for k in done}
+        pooled = describe_cases(rows, keys)
         table = [*((f"fold {k}", d) for k, d in folds_of.items()), ("pooled", pooled)]
     summary = {"num_folds": len(folds), "folds": folds_of, "pooled": pooled,
                "missing": missing, "empty_mask_rule": EMPTY_MASK_RULE,
                "units": "ratios in [0, 1]; hd, hd95 and assd in mm, between surface voxels"}
     write_csv(run_dir / "crossval.csv", rows)
     write_json(run_dir / "crossval_summary.json", summary)
-    print(format_summary_table(table))
+    print(format_summary_table(table, keys))
     if STRUCTURE not in rows[0]:
-        print("pooled median: " + ", ".join(f"{k} {pooled[k]['median']:.3f}" for k in METRIC_KEYS))
+        print("pooled median: " + ", ".join(f"{k} {pooled[k]['median']:.3f}" for k in keys))
     print(f"empty masks: {EMPTY_MASK_RULE}")
     for why in missing:
         print(f"left out: {why}")

@@ -13,8 +13,9 @@ class ConvBlock(nn.Sequential):
     """Two 3x3x3 convolutions, each followed by instance normalisation and a leaky ReLU. Instance,
     not batch, normalisation: the seed trains with batches of one patch, where batch statistics
     are those of a single sample and differ between training and evaluation. Leaky (slope 0.01,
-    nnU-Net's), not the paper's ReLU: at the few channels a CPU run affords, every channel of a
-    block went dead within a few epochs and the network returned one constant (docs/instances.md)."""
+    nnU-Net's choice beside instance normalisation), not the paper's ReLU: at the four channels a
+    CPU run affords, a channel a ReLU silences is a quarter of the block, and a leaky one keeps a
+    gradient through it."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__(nn.Conv3d(in_ch, out_ch, 3, padding=1), nn.InstanceNorm3d(out_ch, affine=True),

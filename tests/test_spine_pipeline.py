@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dataset as ds
+import evaluate
 import inference
 import labels as lbl
 import metrics
@@ -247,3 +248,18 @@ def test_cases_past_the_cache_limit_are_read_again_per_sample(spine, monkeypatch
     from_disk.sampler.set_epoch(1)
     for j in range(4):
         assert all(torch.equal(a, b) for a, b in zip(from_memory[j], from_disk[j]))
+
+
+def test_folds_resume_and_the_fold_ensemble_take_the_iterative_strategy(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    synthetic_spine.write_spine_dataset(data, num_cases=4, shapes=(SHAPE,), seed=4)
+    ok(train.main, "--data_dir", data, "--output_dir", run, *TINY, "--num_folds", "2")
+    assert "detection_rate" in (run / "fold_1" / "validation" / "metrics.csv").read_text().splitlines()[0]
+    ok(train.main, "--resume", run, "--fold", "0", "--max_epochs", "2")
+    assert len(list(csv.DictReader(open(run / "fold_0" / "segmenter" / "log.csv")))) == 2
+    report = ok(evaluate.main, "--crossval", run)
+    assert "pooled" in report.stdout and "complete_detection_rate" in report.stdout
+    assert json.loads((run / "crossval_summary.json").read_text())["pooled"]["cases"] == 4
+    ok(predict.main, "--data_dir", data, "--run", run, "--output_dir", tmp_path / "out", "--device", "cpu",
+       "--max_instances", "2")
+    assert len(list((tmp_path / "out").glob("*_instances.csv"))) == 4

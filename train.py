@@ -302,6 +302,9 @@ def check_iterative_args(args) -> None:
     if args.attention_module or args.num_layers != 1 or args.dilation != 1:
         raise UserError("--attention_module/--num_layers/--dilation: shape the V-Net; the iterative FCN has "
                         "--base_channels alone; drop them")
+    if args.augmentation_grid:
+        raise UserError(f"--augmentation_grid {args.augmentation_grid}: draws the V-Net strategies' samples; "
+                        "the iterative strategy has none to draw; drop it")
 
 
 def stage_settings(args, stage: str) -> training.StageSettings:
@@ -325,7 +328,7 @@ def stage_settings(args, stage: str) -> training.StageSettings:
             batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,
             max_epochs=args.max_epochs, samples_per_epoch=args.samples_per_epoch,
             loss_criterion=args.loss_criterion, augment=augmenter_from_args(args), patch_size=patch_of(args),
-            augmentation_grid=args.augmentation_grid, **shared)
+            **shared)
     if args.strategy == "patches":
         return training.PatchSettings(
             batch_size=args.batch_size, learning_rate=args.learning_rate, patience=args.patience, reduce=args.reduce,

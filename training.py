@@ -134,7 +134,6 @@ class IterativeSettings(StageSettings):
     patch_size: tuple | None = None       # None: the data's median shape, at most 128 a side
     max_moves: int = 20                   # of the validation search (inference.iterative_instances)
     max_instances: int = 100
-    augmentation_grid: str | None = None
 
     def criterion(self) -> IterativeLoss:
         return IterativeLoss(self.loss_criterion)

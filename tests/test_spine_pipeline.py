@@ -206,6 +206,7 @@ def test_flags_of_another_strategy_are_refused(spine, tmp_path):
     (["--spacing", "1", "2"], "--spacing 1.0 2.0: give one spacing"),
     (["--spacing", "0"], "--spacing 0.0: give one spacing"),
     (["--num_layers", "2"], "the iterative FCN has --base_channels alone"),
+    (["--augmentation_grid", "grid.png"], "--augmentation_grid grid.png: draws the V-Net strategies' samples"),
 ])
 def test_train_flags_that_do_not_fit_the_strategy_are_refused(spine, tmp_path, args, match):
     root, _ = spine

@@ -8,6 +8,8 @@
     python predict.py --data_dir DATA --run RUN --folds 0 1 2 3 4 --output_dir OUT   # fold ensemble
     python predict.py --data_dir TUMOURS --segmenter_path RUN/segmenter/best.pt --output_dir OUT \
         --regions whole_tumour=1,2,3 tumour_core=2,3 enhancing=3      # the patch strategy: no locator
+    python predict.py --data_dir SPINE --segmenter_path RUN/segmenter/best.pt --output_dir OUT \
+        [--max_moves 20] [--max_instances 100] [--min_volume 1]          # the iterative strategy: instances
 
 Per scan: resample to the training spacing if it differs -> z-score -> pad and downscale ->
 locator -> centre of its largest component -> fixed-size crop -> segmenter -> paste into a
@@ -23,7 +25,10 @@ and their mean +- std is printed.
 Scans of C channels and K classes (docs/multiclass.md) go the same way with each channel
 z-scored by the checkpoint's rule; a patch-strategy checkpoint replaces locator and crop by a
 Gaussian-weighted sliding window over the whole scan. The mask then holds the dataset's label
-values, and metrics.csv a row per case and class or region.
+values, and metrics.csv a row per case and class or region. An iterative-strategy checkpoint
+searches the scan for instances one at a time (docs/instances.md) and writes the instance map
+(0, 1..N in the order found) and OUT/<case_id>_instances.csv; metrics.csv then holds each
+case's instance metrics.
 """
 from __future__ import annotations
 

@@ -16,6 +16,11 @@ random patches, predicted with a sliding window:
     python train.py --data_dir TUMOURS --output_dir RUN --strategy patches --patch_size 32 64 64 \
         [--regions whole_tumour=1,2,3 tumour_core=2,3 enhancing=3]
 
+Instances one at a time (vertebrae; labels 0 and 1..N; docs/instances.md): the iterative FCN
+sees a patch and the instances found so far, and segments the next one:
+
+    python train.py --data_dir SPINE --output_dir RUN --strategy iterative --patch_size 48 64 64 [--spacing 1]
+
 k-fold cross-validation (nnU-Net's splits_final.json; one run folder per fold, each ending with
 the prediction of its validation cases):
 

@@ -445,8 +445,8 @@ def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: boo
                   max_instances: int | None = None, min_volume: float | None = None) -> TwoStage | Patches | Iterative:
     """The strategy the segmenter checkpoints record, with its models: the patch and iterative
     strategies need no locator (giving one is an error), the two-stage one both
-    (`default_locators` when none is given). `max_moves`, `max_instances`: the iterative
-    search's bounds and smallest instance in ml (None: the checkpoint's)."""
+    (`default_locators` when none is given). `max_moves`, `max_instances`, `min_volume`: the
+    iterative search's bounds and its smallest instance in ml (None: the checkpoint's)."""
     ckpts = [(p, load_checkpoint(p, "segmenter", flags[1])) for p in _as_paths(segmenter_paths)]
     if not ckpts:
         raise UserError(f"{flags[1]}: no checkpoint given")
@@ -644,7 +644,8 @@ def predict_iterative(pipe: Iterative, image: np.ndarray, props: dict,
     if resampled:
         labels = ds.resample_onto(labels, {**props, "spacing": tuple(pipe.spacing)}, image.shape[1:], props,
                                   label=True)
-        kept = [f for f in found if np.any(labels == f.instance)]
+        voxels = np.bincount(labels.ravel(), minlength=len(found) + 1)
+        kept = [f for f in found if voxels[f.instance]]
         if len(kept) < len(found):
             lookup = np.zeros(len(found) + 1, np.int64)
             lookup[[f.instance for f in kept]] = np.arange(1, len(kept) + 1)

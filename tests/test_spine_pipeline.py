@@ -264,3 +264,20 @@ def test_folds_resume_and_the_fold_ensemble_take_the_iterative_strategy(tmp_path
     ok(predict.main, "--data_dir", data, "--run", run, "--output_dir", tmp_path / "out", "--device", "cpu",
        "--max_instances", "2")
     assert len(list((tmp_path / "out").glob("*_instances.csv"))) == 4
+
+
+def test_an_instance_lost_on_the_way_back_to_the_scans_grid_is_dropped_and_the_rest_renumbered(monkeypatch):
+    """Found at 0.5 mm, written at 2 mm: a one-voxel instance between the scan's voxels vanishes,
+    and the map and the records close up to 1..N."""
+    work = np.zeros((32, 32, 32), np.int32)
+    work[0:12, 4:28, 4:28] = 1
+    work[13, 1, 1] = 2  # 6.5 mm: between the scan's voxels at 6 and 8 mm
+    work[16:32, 4:28, 4:28] = 3
+    found = [inference.Found(1, 0.9, 1), inference.Found(2, 0.5, 0), inference.Found(3, 0.2, 2)]
+    monkeypatch.setattr(inference, "iterative_instances", lambda *a, **k: (work.copy(), found, 7))
+    pipe = inference.Iterative([], (16, 16, 16), (0.5, 0.5, 0.5), ("CT",), ("ct",), lbl.binary(), torch.device("cpu"))
+    props = {"spacing": (2.0, 2.0, 2.0), "origin": (0.0, 0.0, 0.0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)}
+    labels, kept, evaluations = inference.predict_iterative(pipe, np.zeros((1, 8, 8, 8), np.float32), props)
+    assert labels.shape == (8, 8, 8) and sorted(np.unique(labels).tolist()) == [0, 1, 2]
+    assert [(f.instance, f.completeness) for f in kept] == [(1, 0.9), (2, 0.2)] and evaluations == 7
+    assert (labels[4:, 1:7, 1:7] == 2).all() and (labels[:3, 1:7, 1:7] == 1).all()

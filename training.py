@@ -731,10 +731,10 @@ def train_iterative(model, cases: list[ds.Case], data: dict[str, tuple | None], 
         scores = []
         for i in val_ids[rank::size]:
             image, pads, label = data[i] or load_instance_case(by_id[i], survey)
-            found, _, _ = inference.iterative_instances(inference.model_segment(net, image, pads, patch, device),
-                                                        label.shape, patch, settings.max_moves, max_instances,
-                                                        min_voxels=smallest)
-            scores.append(instance_score(found, label))
+            pred, _, _ = inference.iterative_instances(inference.model_segment(net, image, pads, patch, device),
+                                                       label.shape, patch, settings.max_moves, max_instances,
+                                                       min_voxels=smallest)
+            scores.append(instance_score(pred, label))
         return scores
 
     config = {"role": "segmenter", "strategy": "iterative", "arch": model_arch(model), "patch_size": list(patch),

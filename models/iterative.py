@@ -30,8 +30,12 @@ class IterativeFCN(nn.Module):
         levels: resolution levels; the patch's sides must divide by 2 ** (levels - 1).
 
     `forward(x)` with x (B, in_channels, D, H, W) returns `(segmentation logits (B, 1, D, H, W),
-    completeness logits (B,))`: the second from the coarsest features, averaged over the patch
-    and weighed by one linear layer (the paper's classification branch)."""
+    completeness logits (B,))`: the second by one linear layer from the coarsest features averaged
+    over the patch (the paper's classification branch) and one more input, the highest
+    segmentation probability on the patch's faces (detached: it informs the branch, the branch
+    does not bend the segmentation). An instance the patch cuts reaches a face; averaged deep
+    features alone, at the few channels of a CPU run, called every instance complete
+    (docs/instances.md)."""
 
     def __init__(self, in_channels: int = 2, base_channels: int = 64, levels: int = 4):
         super().__init__()
@@ -44,7 +48,7 @@ class IterativeFCN(nn.Module):
         self.down = nn.ModuleList([ConvBlock(in_channels, c)] + [ConvBlock(c, c) for _ in range(levels - 1)])
         self.up = nn.ModuleList([ConvBlock(2 * c, c) for _ in range(levels - 1)])
         self.segmentation = nn.Conv3d(c, 1, 1)
-        self.completeness = nn.Linear(c, 1)
+        self.completeness = nn.Linear(c + 1, 1)
 
     def forward(self, x):
         factor = 2 ** (len(self.down) - 1)
@@ -53,7 +57,16 @@ class IterativeFCN(nn.Module):
         for k, block in enumerate(self.down):
             x = block(x if k == 0 else nn.functional.max_pool3d(x, 2))
             skips.append(x)
-        complete = self.completeness(x.mean(dim=(2, 3, 4))).squeeze(1)
+        pooled = x.mean(dim=(2, 3, 4))
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = block(torch.cat([nn.functional.interpolate(x, scale_factor=2, mode="nearest"), skip], dim=1))
-        return self.segmentation(x), complete
+        seg = self.segmentation(x)
+        complete = self.completeness(torch.cat([pooled, face_maximum(torch.sigmoid(seg.detach().float()))], 1))
+        return seg, complete.squeeze(1)
+
+
+def face_maximum(prob: torch.Tensor) -> torch.Tensor:
+    """(B, 1) the highest value of `prob (B, 1, D, H, W)` on the six faces of its volume."""
+    faces = [prob[:, :, i].flatten(1) for i in (0, -1)] + [prob[:, :, :, i].flatten(1) for i in (0, -1)]
+    faces += [prob[..., i].flatten(1) for i in (0, -1)]
+    return torch.cat(faces, 1).amax(1, keepdim=True).to(prob.dtype)

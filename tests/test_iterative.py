@@ -14,7 +14,7 @@ import instances
 import losses
 import prediction
 import training
-from models.iterative import IterativeFCN
+from models.iterative import IterativeFCN, face_maximum
 from utils import UserError
 
 # ITK's direction matrix, row-major: a rotation about x by 30 degrees.
@@ -159,13 +159,22 @@ def test_iterative_fcn_counts_and_shapes_by_hand():
     def block(cin, c):  # two 3x3x3 convolutions with biases, two affine instance norms
         return cin * c * 27 + c + c * c * 27 + c + 4 * c
     c, levels = 8, 4
-    expected = block(2, c) + (levels - 1) * block(c, c) + (levels - 1) * block(2 * c, c) + (c + 1) + (c + 1)
+    # the segmentation's 1x1x1 convolution; the completeness layer on c pooled features and the face maximum
+    expected = block(2, c) + (levels - 1) * block(c, c) + (levels - 1) * block(2 * c, c) + (c + 1) + (c + 2)
     model = IterativeFCN(2, c, levels)
     assert sum(p.numel() for p in model.parameters()) == expected
     seg, complete = model(torch.randn(2, 2, 16, 24, 32))
     assert seg.shape == (2, 1, 16, 24, 32) and complete.shape == (2,)
     with pytest.raises(AssertionError, match="divide by 8"):
         model(torch.randn(1, 2, 12, 16, 16))
+
+
+def test_the_face_maximum_reads_the_six_faces_only():
+    prob = torch.zeros(3, 1, 6, 7, 8)
+    prob[0, 0, 3, 3, 4] = 0.9  # inside: not on a face
+    prob[1, 0, 5, 2, 3] = 0.7  # the last D face
+    prob[2, 0, 2, 6, 0] = 0.4  # an edge of two faces
+    assert face_maximum(prob).flatten().tolist() == pytest.approx([0.0, 0.7, 0.4])
 
 
 # ----------------------------------------------------------------------------- training samples

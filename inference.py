@@ -606,7 +606,7 @@ class Iterative:
     device: torch.device
     max_moves: int = 20
     max_instances: int = 100
-    min_volume: float = 1.0              # ml: a smaller answer counts as none (iterative_instances)
+    min_volume: float = 0.0              # ml: a smaller answer counts as none (iterative_instances)
 
 
 def load_iterative(ckpts: list[tuple[Path, dict]], device: torch.device, max_moves: int | None = None,
@@ -620,7 +620,7 @@ def load_iterative(ckpts: list[tuple[Path, dict]], device: torch.device, max_mov
                      tuple(config["spacing"]), tuple(config["channels"]), tuple(config["normalization"]),
                      Labels.from_record(config["labels"]), device,
                      max_moves or config.get("max_moves", 20), max_instances or config.get("max_instances", 100),
-                     config.get("min_volume_ml", 1.0) if min_volume is None else min_volume)
+                     config.get("min_volume_ml", 0.0) if min_volume is None else min_volume)
 
 
 def predict_iterative(pipe: Iterative, image: np.ndarray, props: dict,

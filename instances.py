@@ -17,10 +17,17 @@ import dataset as ds
 COMPLETE_FRACTION = 0.98  # of an instance's voxels inside the patch for it to count as complete (the paper's)
 BORDER_WEIGHT, BORDER_SIGMA2 = 8.0, 36.0  # weights 1 + 8 exp(-d^2 / 36), d in voxels (the paper's)
 EMPTY_EVERY = 5  # every 5th sample has no target (the paper's)
-# The search's smallest instance, ml: below any whole vertebra (about 2 ml for the smallest
-# cervical one, 4 in the phantoms) and above the border fragments a partly trained model leaves
-# (at most 0.74 ml in docs/instances.md's runs). predict.py --min_volume overrides it.
-MIN_VOLUME_ML = 1.0
+# The search's smallest instance, as a fraction of the training instances' median volume: the
+# border fragments a partly trained model leaves were at most a seventh of it, the smallest
+# whole vertebra of either phantom generator above three tenths (docs/instances.md).
+# predict.py --min_volume overrides it.
+MIN_VOLUME_FRACTION = 0.25
+
+
+def min_volume_ml(volumes_ml) -> float:
+    """The smallest instance the search keeps, ml: MIN_VOLUME_FRACTION of the median of the
+    training instances' volumes (0 without any)."""
+    return MIN_VOLUME_FRACTION * float(np.median(volumes_ml)) if len(volumes_ml) else 0.0
 
 
 def min_voxels(volume_ml: float, spacing) -> int:

@@ -9,7 +9,7 @@
     python predict.py --data_dir TUMOURS --segmenter_path RUN/segmenter/best.pt --output_dir OUT \
         --regions whole_tumour=1,2,3 tumour_core=2,3 enhancing=3      # the patch strategy: no locator
     python predict.py --data_dir SPINE --segmenter_path RUN/segmenter/best.pt --output_dir OUT \
-        [--max_moves 20] [--max_instances 100] [--min_volume 1]          # the iterative strategy: instances
+        [--max_moves 20] [--max_instances 100] [--min_volume ML]         # the iterative strategy: instances
 
 Per scan: resample to the training spacing if it differs -> z-score -> pad and downscale ->
 locator -> centre of its largest component -> fixed-size crop -> segmenter -> paste into a
@@ -96,7 +96,8 @@ def parse_args(argv=None):
                                                      "instances (default: the checkpoint's, 100)")
     m.add_argument("--min_volume", type=float, metavar="ML",
                    help="iterative strategy: an answer of the network smaller than this (ml) is no instance "
-                        "(default: the checkpoint's, 1.0; 0 keeps every answer)")
+                        "(default: the checkpoint's, a quarter of its training instances' median volume; 0 keeps "
+                        "every answer)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     return p.parse_args(argv)
 

@@ -553,7 +553,7 @@ def read_survey(args, cases, split: dict, need_foreground: bool = True) -> train
     if args.max_offset is None:
         args.max_offset = 0.0 if reference else 0.1
     if iterative:
-        counts = list(survey.instances.values())
+        counts = [len(v) for v in survey.instances.values()]
         print(f"{sum(counts)} instances ({survey.labels.names[0]}) in {len(counts)} cases, {min(counts)} to "
               f"{max(counts)} a case; channel(s) {', '.join(survey.channels)} ({'/'.join(survey.normalization)})")
     elif len(survey.channels) > 1 or not survey.labels.binary:

@@ -153,7 +153,7 @@ class Survey:
     channels: tuple[str, ...] = ("channel 0",)
     normalization: tuple[str, ...] = ("whole",)
     labels: Labels = field(default_factory=lbl.binary)
-    instances: dict[str, int] = field(default_factory=dict)  # instances per case (the iterative strategy)
+    instances: dict[str, list[float]] = field(default_factory=dict)  # the iterative strategy: volumes (ml) per case
 
     def padded_shape(self, factors) -> tuple[int, int, int]:
         """The largest shape, rounded up so that the locator's downscaled input divides by 16."""
@@ -206,11 +206,11 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
     if instances and info.labels is not None and (info.labels.num_classes != 1 or info.labels.regions):
         raise UserError(f"{info.path}: declares the classes {', '.join(info.labels.names)}; the iterative strategy "
                         "segments the instances of one class (declare one, e.g. \"1\": \"vertebra\")")
-    shapes, boxes, found, counts = {}, {}, set(), {}
+    shapes, boxes, found, volumes = {}, {}, set(), {}
     for case, (shape, props, _) in zip(cases, headers):
         label = ds.read_label(case.label, shape, props)
         if instances:
-            counts[case.case_id] = ds.check_instances(label, case.label)
+            ds.check_instances(label, case.label)
         elif info.labels is None:
             found.update(ds.label_values(label, case.label))
         else:
@@ -219,6 +219,9 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
         if not ds.same_spacing(props["spacing"], working):
             label, _ = ds.resample(label, props, working, label=True)
         shapes[case.case_id], boxes[case.case_id] = label.shape, ds.bounding_box(label)
+        if instances:  # at the working spacing, where the search meets them
+            voxel_ml = float(np.prod(working)) / 1000.0
+            volumes[case.case_id] = (np.bincount(label.ravel().astype(np.int64))[1:] * voxel_ml).tolist()
         if need_foreground and boxes[case.case_id] is None and case.case_id in train_ids:
             raise UserError(f"{case.label}: label is empty; every training case needs an atrium "
                             "(or move it to 'val' in the split)")
@@ -232,7 +235,7 @@ def read_survey(cases: list[ds.Case], train_ids, info: ds.DatasetInfo | None = N
         labels = info.labels or Labels((1,), ("instance",))
     names = info.channels or tuple(f"channel {k}" for k in range(count))
     return Survey(spacing, shapes, boxes, tuple(names), ds.normalization_rules(normalization, count, info.channels),
-                  labels, counts)
+                  labels, volumes)
 
 
 def training_item(image: np.ndarray, label: np.ndarray, labels: Labels, distance_spacing=None) -> tuple:
@@ -723,9 +726,10 @@ def train_iterative(model, cases: list[ds.Case], data: dict[str, tuple | None], 
     train_set = IterativeSet([data[i] for i in train_ids], patch,
                              EpochSampler(len(train_ids), settings.samples(len(train_ids)), settings.seed + 1),
                              settings.augment, load)
-    most = max((int(survey.instances.get(i, 0)) for i in train_ids), default=1)
+    most = max((len(survey.instances.get(i, ())) for i in train_ids), default=1)
     max_instances = min(settings.max_instances, 2 * most + 1)
-    smallest = instances.min_voxels(instances.MIN_VOLUME_ML, survey.spacing)
+    min_volume = instances.min_volume_ml([v for i in train_ids for v in survey.instances.get(i, ())])
+    smallest = instances.min_voxels(min_volume, survey.spacing)
 
     def validate(net, rank, size):
         scores = []
@@ -740,7 +744,7 @@ def train_iterative(model, cases: list[ds.Case], data: dict[str, tuple | None], 
     config = {"role": "segmenter", "strategy": "iterative", "arch": model_arch(model), "patch_size": list(patch),
               "spacing": list(survey.spacing), "loss": settings.loss_criterion, **survey.input_record(),
               "max_moves": settings.max_moves, "max_instances": settings.max_instances,
-              "min_volume_ml": instances.MIN_VOLUME_ML,
+              "min_volume_ml": min_volume,
               "complete_fraction": instances.COMPLETE_FRACTION, "init_from": None}
     return fit("segmenter", model, train_set, validate, settings, run_dir / "segmenter", config, device, resume)
 

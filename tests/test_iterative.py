@@ -142,6 +142,11 @@ def test_search_keeps_one_piece_per_answer_and_ignores_answers_below_the_smalles
     assert len(found) == 3 and (labels == 1).sum() == 216 and labels[island] == 2 and (labels[fragment] == 3).all()
 
 
+def test_the_smallest_instance_is_a_quarter_of_the_median_training_instance():
+    assert instances.min_volume_ml([2.0, 8.0, 4.0, 0.1]) == pytest.approx(0.25 * 3.0)
+    assert instances.min_volume_ml([]) == 0.0
+
+
 def test_the_smallest_instance_in_voxels_follows_the_spacing():
     assert instances.min_voxels(1.0, (1.0, 1.0, 1.0)) == 1000
     assert instances.min_voxels(1.0, (2.0, 1.0, 1.0)) == 500

@@ -59,6 +59,11 @@ def test_train_records_the_strategy_and_rebuilds_the_model(spine):
     assert config["strategy"] == "iterative" and config["patch_size"] == [32, 32, 32]
     assert config["arch"] == {"name": "iterative_fcn", "in_channels": 2, "base_channels": 2, "levels": 4}
     assert config["normalization"] == ["ct"] and config["loss"] == "WeightedBCEDice"
+    cases = ds.find_cases(root / "data", require_labels=True)
+    train_ids = json.loads((root / "run" / "split.json").read_text())["train"]
+    volumes = [v * 1e-3 for c in cases if c.case_id in train_ids  # 1 mm voxels: voxels / 1000 ml
+               for v in np.bincount(ds.read_image(c.label)[0].ravel().astype(np.int64))[1:]]
+    assert config["min_volume_ml"] == pytest.approx(0.25 * np.median(volumes))
     model = build_model(config["arch"])
     assert isinstance(model, IterativeFCN) and model_arch(model) == config["arch"]
     model.load_state_dict(ckpt["model"])

@@ -407,10 +407,10 @@ def _back_onto(probs: np.ndarray, spacing, image: np.ndarray, props: dict) -> np
 # ----------------------------------------------------------------------------- the patch strategy
 
 @dataclass
-class Patches:
-    """Trained networks of the patch strategy (one, or the models of several folds) with what
-    their checkpoints record: the window (patch) size, spacing, channels and their z-score
-    rules, and the classes."""
+class PatchModels:
+    """Trained networks of one strategy that runs on patches (one, or the models of several
+    folds) with what their checkpoints record: the patch size, spacing, channels and their
+    normalisation rules, and the classes (`patch_models` reads them)."""
     models: list[torch.nn.Module]
     patch_size: tuple[int, int, int]     # (1, H, W) for a 2D model: slice by slice
     spacing: tuple                       # None on the slice axis of a 2D model (ds.working_spacing)
@@ -418,6 +418,21 @@ class Patches:
     normalization: tuple[str, ...]
     labels: Labels
     device: torch.device
+
+
+def patch_models(ckpts: list[tuple[Path, dict]], device: torch.device, flag: str) -> dict:
+    """The `PatchModels` fields of checkpoints that agree on their input and classes."""
+    _agree_segmenters(ckpts, flag)
+    config = ckpts[0][1]["config"]
+    return dict(models=[load_model(c, p, device) for p, c in ckpts], patch_size=tuple(config["patch_size"]),
+                spacing=tuple(config["spacing"]), channels=tuple(config["channels"]),
+                normalization=tuple(config["normalization"]), labels=Labels.from_record(config["labels"]),
+                device=device)
+
+
+@dataclass
+class Patches(PatchModels):
+    """The patch strategy's networks and their sliding window."""
     overlap: float = 0.5
     batch_size: int = 4
     tta: bool = False
@@ -431,12 +446,10 @@ def strategy_of(ckpt: dict) -> str:
 def load_patches(ckpts: list[tuple[Path, dict]], device: torch.device, tta: bool = False, overlap: float | None = None,
                  batch_size: int = 4, flag: str = "--segmenter_path") -> Patches:
     """The patch strategy's models of checkpoints that agree on their input and classes."""
-    _agree_segmenters(ckpts, flag)
     config = ckpts[0][1]["config"]
     overlap = config.get("overlap", 0.5) if overlap is None else overlap
-    return Patches([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]), tuple(config["spacing"]),
-                   tuple(config["channels"]), tuple(config["normalization"]), Labels.from_record(config["labels"]),
-                   device, overlap, batch_size, tta, config["arch"].get("context_slices", 0))
+    return Patches(**patch_models(ckpts, device, flag), overlap=overlap, batch_size=batch_size, tta=tta,
+                   context=config["arch"].get("context_slices", 0))
 
 
 def load_pipeline(locator_paths, segmenter_paths, device: torch.device, tta: bool = False,
@@ -593,17 +606,8 @@ def model_segment(models, image: np.ndarray, pads, patch, device: torch.device):
 
 
 @dataclass
-class Iterative:
-    """Trained networks of the iterative strategy (one, or the models of several folds) with
-    what their checkpoints record (patch, spacing, channels and their rules, the class), and
-    the search's bounds."""
-    models: list[torch.nn.Module]
-    patch_size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    channels: tuple[str, ...]
-    normalization: tuple[str, ...]
-    labels: Labels
-    device: torch.device
+class Iterative(PatchModels):
+    """The iterative strategy's networks and the search's bounds."""
     max_moves: int = 20
     max_instances: int = 100
     min_volume: float = 0.0              # ml: a smaller answer counts as none (iterative_instances)
@@ -614,13 +618,10 @@ def load_iterative(ckpts: list[tuple[Path, dict]], device: torch.device, max_mov
                    flag: str = "--segmenter_path") -> Iterative:
     """The iterative strategy's models of checkpoints that agree on their input; the search's
     bounds and smallest instance as given, else as the checkpoint records them."""
-    _agree_segmenters(ckpts, flag)
     config = ckpts[0][1]["config"]
-    return Iterative([load_model(c, p, device) for p, c in ckpts], tuple(config["patch_size"]),
-                     tuple(config["spacing"]), tuple(config["channels"]), tuple(config["normalization"]),
-                     Labels.from_record(config["labels"]), device,
-                     max_moves or config.get("max_moves", 20), max_instances or config.get("max_instances", 100),
-                     config.get("min_volume_ml", 0.0) if min_volume is None else min_volume)
+    return Iterative(**patch_models(ckpts, device, flag), max_moves=max_moves or config.get("max_moves", 20),
+                     max_instances=max_instances or config.get("max_instances", 100),
+                     min_volume=config.get("min_volume_ml", 0.0) if min_volume is None else min_volume)
 
 
 def predict_iterative(pipe: Iterative, image: np.ndarray, props: dict,
